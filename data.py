@@ -1,0 +1,146 @@
+"""data.py -- every image dataset of the project as one uint8 tensor (N, C, H, W).
+
+retrain.py trains on these tensors and fid.py computes reference statistics from them, so both read
+images through the one function here, `load_images(spec)`. A spec is one of
+
+    cifar10            CIFAR-10 training set (50,000 x 3 x 32 x 32), downloaded by torchvision on first use
+    digits             scikit-learn's bundled 8x8 digits (1,797 x 1 x 8 x 8), works offline
+    DIR                a folder of image files (png, jpg, ...), read in sorted order
+    FILE.zip           a zip of image files, read in sorted order (FFHQ-64 is usually given this way)
+    FILE.npy/.npz      a uint8 array, NHWC or NCHW (in a .npz: the array named 'images', 'x' or the only one)
+
+Images in a folder or zip must all have one size; greyscale files give 1 channel when every file is
+greyscale, otherwise everything is read as RGB. Every problem raises DataError with a one-line message.
+
+    python -c "import data; print(data.load_images('digits').shape)"
+"""
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The named datasets
+
+
+def _cifar10(root: str) -> np.ndarray:
+    import torchvision  # only needed here, so the other datasets work without it
+
+    try:
+        ds = torchvision.datasets.CIFAR10(root=root, train=True, download=True)
+    except Exception as e:  # no internet, broken archive, ...
+        raise DataError(f"could not download or read CIFAR-10 into '{root}' ({e}); "
+                        "download it by hand or pass --data with a folder/zip/npz of images") from None
+    return ds.data.transpose(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+
+
+def _digits() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images  # (1797, 8, 8), integer grey levels 0..16
+    return np.round(x * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8), 17 levels in 0..255
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: folders, zips and arrays
+
+
+def _decode(images: list, names: list) -> np.ndarray:
+    """Decode a list of file-like objects with PIL into one (N, C, H, W) uint8 array."""
+    from PIL import Image
+
+    pics = []
+    for f, name in zip(images, names):
+        try:
+            pics.append(Image.open(f))
+            pics[-1].load()
+        except Exception as e:
+            raise DataError(f"cannot read image '{name}' ({e})") from None
+    grey = all(p.mode in ("L", "1", "I;16", "I") for p in pics)
+    arrays = [np.asarray(p.convert("L" if grey else "RGB")) for p in pics]
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        first, other = sorted(sizes)[:2]
+        raise DataError(f"images have mixed sizes ({first[0]}x{first[1]} and {other[0]}x{other[1]}, ...); "
+                        "resize them all to one size first")
+    x = np.stack(arrays)
+    return x[:, None] if grey else x.transpose(0, 3, 1, 2)
+
+
+def _folder(path: str) -> np.ndarray:
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder '{path}'")
+    return _decode([os.path.join(path, n) for n in names], names)
+
+
+def _zip(path: str) -> np.ndarray:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not names:
+                raise DataError(f"no image files in zip '{path}'")
+            return _decode([io.BytesIO(z.read(n)) for n in names], names)
+    except zipfile.BadZipFile:
+        raise DataError(f"'{path}' is not a valid zip file") from None
+
+
+def _array(path: str) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read array file '{path}' ({e})") from None
+    if isinstance(x, np.lib.npyio.NpzFile):
+        keys = [k for k in ("images", "x") if k in x.files] or (x.files if len(x.files) == 1 else [])
+        if not keys:
+            raise DataError(f"'{path}' holds arrays {x.files}; name the image array 'images'")
+        x = x[keys[0]]
+    if x.dtype != np.uint8:
+        raise DataError(f"'{path}' holds {x.dtype} values; expected uint8 images in 0..255")
+    if x.ndim == 3:  # (N, H, W): greyscale
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"'{path}' has shape {x.shape}; expected (N, C, H, W) or (N, H, W, C)")
+    if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):  # NHWC -> NCHW
+        x = x.transpose(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"'{path}' has shape {x.shape}; expected 1 or 3 channels in NCHW or NHWC layout")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_images(spec: str, root: str = "data", n: int | None = None) -> torch.Tensor:
+    """Dataset `spec` (see the module docstring) as a uint8 tensor (N, C, H, W); the first `n` if given."""
+    if spec == "cifar10":
+        x = _cifar10(root)
+    elif spec == "digits":
+        x = _digits()
+    elif not os.path.exists(spec):
+        raise DataError(f"data '{spec}' not found: give cifar10, digits, a folder of images, a .zip, or a .npy/.npz file")
+    elif os.path.isdir(spec):
+        x = _folder(spec)
+    elif spec.lower().endswith(".zip"):
+        x = _zip(spec)
+    elif spec.lower().endswith((".npy", ".npz")):
+        x = _array(spec)
+    else:
+        raise DataError(f"cannot tell the format of '{spec}': use a folder, a .zip, or a .npy/.npz file")
+    if n is not None:
+        if n < 1:
+            raise DataError(f"asked for {n} images; give a positive count")
+        x = x[:n]
+    if len(x) < 2:
+        raise DataError(f"data '{spec}' holds {len(x)} image(s); need at least 2")
+    return torch.from_numpy(np.ascontiguousarray(x))

@@ -1,0 +1,310 @@
+"""The retraining loop (retrain.py) on the one model whose answer is known in closed form: a Gaussian
+fitted by maximum likelihood (gaussian.py), plus the loop's bookkeeping: counts, resume, bad input."""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gaussian
+import retrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(out, *argv):
+    return retrain.main([*map(str, argv), "--out", str(out), "--no-progress"])
+
+
+def metrics(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def folder_digest(path: Path) -> dict:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Theory
+
+
+@pytest.mark.parametrize("key,perturb", [("mean_err", "init_mean_shift=5"), ("cov_err", "init_cov_scale=10")])
+def test_error_contracts_by_lam_over_one_plus_lam(tmp_path, key, perturb):
+    """Well-specified model, large n: ||theta_t - theta*|| shrinks by lam / (1 + lam) per iteration.
+
+    The mean and the covariance are perturbed in separate runs: the ML covariance of a real/synthetic
+    mixture whose means differ holds a between-group term quadratic in the mean error, which the
+    linear (local) argument of Theorem 1 leaves out."""
+    out = tmp_path / "sweep"
+    assert run(out, "--model", "gaussian", "--data", "gaussian", "--n-real", 50_000, "--lam", 0.5, 1, 2,
+               "--iters", 3, "--n-eval", 200, "--set", perturb) == 0
+    first = None
+    for lam in (0.5, 1, 2):
+        h = metrics(out / f"lam_{lam:g}" / "metrics.jsonl")
+        assert [r["iter"] for r in h] == [0, 1, 2, 3]
+        first = first or h[0]
+        assert h[0] == {**first, "lam": f"{lam:g}"}  # iteration 0 is shared by every lambda
+        rho = lam / (1 + lam)
+        for t in (1, 2, 3):
+            ratio = h[t][key] / h[t - 1][key]
+            assert abs(ratio - rho) < 0.1 * rho, (lam, t, ratio, rho)
+    assert (out / "metrics.png").stat().st_size > 1000  # the comparison plot
+
+
+def test_fully_synthetic_collapses_and_real_data_prevents_it(tmp_path):
+    """n = 20 in 2-D: log det Sigma_t falls by several units without real data, stays near log det Sigma* with lam = 1."""
+    out = tmp_path / "collapse"
+    assert run(out, "--model", "gaussian", "--data", "gaussian", "--n-real", 20, "--lam", "inf", 1,
+               "--iters", 300, "--seed", 3) == 0
+    logdet_star = torch.linalg.slogdet(gaussian.truth(2)[1])[1].item()
+    synth = [r["logdet"] for r in metrics(out / "lam_inf" / "metrics.jsonl")]
+    mixed = [r["logdet"] for r in metrics(out / "lam_1" / "metrics.jsonl")]
+    assert len(synth) == len(mixed) == 301
+    assert synth[-1] < synth[0] - 5
+    assert np.mean(synth[-50:]) < np.mean(synth[:50]) - 5
+    assert max(abs(v - logdet_star) for v in mixed) < 1.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# The counts: n real + round(lam n) synthetic, the synthetic ones from the previous model
+
+
+@pytest.mark.parametrize("lam", ["0.5", "inf"])
+def test_each_iteration_trains_on_real_plus_previous_samples(tmp_path, monkeypatch, lam):
+    fits, gens = [], []
+    fit, generate = gaussian.Model.fit, gaussian.Model.generate
+    monkeypatch.setattr(gaussian.Model, "fit", lambda self, x: (fits.append(x.clone()), fit(self, x))[1])
+    monkeypatch.setattr(gaussian.Model, "generate", lambda self, s: gens.append((len(fits), generate(self, s))) or gens[-1][1])
+    n = 41
+    assert run(tmp_path / "counts", "--model", "gaussian", "--data", "gaussian", "--n-real", n, "--lam", lam,
+               "--iters", 3, "--set", "sample_batch=7") == 0
+    real = gaussian.make_data(2, n, seed=0)
+    n_synth = n if lam == "inf" else round(0.5 * n)
+    assert len(fits) == 4 and torch.equal(fits[0], real)  # iteration 0 fits the real data
+    for t in (1, 2, 3):
+        # the samples generated right after fit t-1, in seed order, chunk by chunk
+        previous = torch.cat([x for k, x in gens if k == t])
+        expect = previous[:n_synth] if lam == "inf" else torch.cat([real, previous[:n_synth]])
+        assert torch.equal(fits[t], expect)
+    for r in metrics(tmp_path / "counts" / "metrics.jsonl")[1:]:
+        assert (r["n_real"], r["n_synth"]) == ((0, n) if lam == "inf" else (n, n_synth))
+
+
+def test_samples_depend_only_on_their_seed(tmp_path):
+    m = gaussian.Model(gaussian.make_config("small"))
+    m.fit(gaussian.make_data(2, 100))
+    a = retrain.sample(m, 50, seed=1, it=4, chunk=7, is_image=False, progress=False)
+    b = retrain.sample(m, 20, seed=1, it=4, chunk=20, is_image=False, progress=False)
+    assert torch.equal(a[:20], b)
+    assert not torch.equal(a[:20], retrain.sample(m, 20, seed=1, it=5, chunk=20, is_image=False, progress=False))
+
+
+def test_uint8_quantization_matches_png_rounding():
+    x = torch.tensor([-1.0, -0.99, 0.0, 0.5, 1.0, 1.3, -2.0])
+    expect = torch.tensor([0, 1, 128, 191, 255, 255, 0], dtype=torch.uint8)  # round(127.5 x + 127.5), clipped
+    assert torch.equal(retrain.to_uint8(x), expect)
+
+
+# ----------------------------------------------------------------------------------------------------
+# An SGD model through the generic training loop: batches, kimg, non-finite losses
+
+
+class MeanModel:
+    """A toy SGD model: learns the mean image; samples are that mean plus seeded noise."""
+
+    def __init__(self, cfg, device="cpu"):
+        self.cfg, self.mean, self.step, self.nfe, self.batches = cfg, torch.zeros(cfg.img_channels, cfg.img_resolution, cfg.img_resolution), 0, 1, []
+
+    def train_step(self, x):
+        self.batches.append(x.clone())
+        self.step += 1
+        self.mean += 0.5 * (x.mean(0) - self.mean)
+        return float("nan") if self.step == self.cfg.nan_at else float((x - self.mean).pow(2).mean())
+
+    def generate(self, seeds):
+        z = torch.stack([torch.randn(self.mean.shape, generator=torch.Generator().manual_seed(s)) for s in seeds.tolist()])
+        return (self.mean + 0.1 * z).clamp(-1, 1)
+
+    def state_dict(self):
+        return {"mean": self.mean.clone(), "step": self.step}
+
+    def load_state_dict(self, d):
+        self.mean, self.step = d["mean"].clone(), d["step"]
+
+
+def mean_module():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Config:
+        img_channels: int = 1
+        img_resolution: int = 8
+        batch: int = 16
+        xflip: bool = True
+        pretrain_kimg: float = 0.16
+        kimg: float = 0.08
+        sample_batch: int = 100
+        nan_at: int = -1
+
+    mod = types.ModuleType("meanmodel")
+    mod.Config, mod.Model, mod.PRESETS, mod.OFFICIAL_URLS = Config, MeanModel, {"small": {}, "paper": {}}, {}
+    mod.make_config = lambda preset, **kw: Config(**kw)
+    return mod
+
+
+@pytest.fixture
+def meanmodel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "meanmodel", mean_module())
+    monkeypatch.setattr(retrain, "MODELS", retrain.MODELS + ("meanmodel",))
+
+
+def test_training_budget_batches_and_flips(tmp_path, meanmodel):
+    real = retrain.data.load_images("digits", n=50)
+    mod = sys.modules["meanmodel"]
+    m = MeanModel(mod.Config())
+    stats = retrain.train(m, real, 0.16, m.cfg, seed=0, it=1, progress=False, desc="")
+    assert stats["steps"] == len(m.batches) == 10  # 160 images / batch 16
+    seen = torch.cat(m.batches)
+    assert seen.shape == (160, 1, 8, 8) and seen.min() >= -1 and seen.max() <= 1
+    as_u8 = retrain.to_uint8(seen)
+    flipped = sum(not any(torch.equal(img, r) for r in real) for img in as_u8)
+    assert all(any(torch.equal(img, r) or torch.equal(img.flip(2), r) for r in real) for img in as_u8)
+    assert 40 < flipped < 120  # about half the images are mirrored (some digits are symmetric)
+    # 160 = 3 epochs of 50 + 10: the first 150 draws cover each image exactly 3 times
+    counts = {}
+    for img in as_u8[:150]:
+        k = next(i for i, r in enumerate(real) if torch.equal(img, r) or torch.equal(img.flip(2), r))
+        counts[k] = counts.get(k, 0) + 1
+    assert len(counts) >= 45 and max(counts.values()) <= 4
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, meanmodel, capsys):
+    out = tmp_path / "nan"
+    # pretraining takes 10 steps, each iteration 5: step 23 is in iteration 3
+    code = run(out, "--model", "meanmodel", "--data", "digits", "--n-real", 50, "--lam", 1, "--iters", 5,
+               "--set", "nan_at=23", "--metrics", "pixel")
+    assert code != 0
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("retrain.py: error:")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0] and "Traceback" not in err
+    assert [r["iter"] for r in metrics(out / "metrics.jsonl")] == [0, 1, 2]
+    assert retrain.load_checkpoint(str(out / "ckpt.pt"))["iter"] == 2
+
+
+def test_meanmodel_resume_in_process_equals_uninterrupted(tmp_path, meanmodel):
+    common = ["--model", "meanmodel", "--data", "digits", "--n-real", 60, "--lam", 0.5, "--metrics", "pixel"]
+    assert run(tmp_path / "a", *common, "--iters", 4) == 0
+    assert run(tmp_path / "b", *common, "--iters", 2) == 0
+    assert run(tmp_path / "b", *common, "--iters", 4, "--resume") == 0
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(metrics(tmp_path / "a" / "metrics.jsonl")) == strip(metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert (tmp_path / "b" / "samples" / "iter004.png").exists() and (tmp_path / "b" / "metrics.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume after kill -9
+
+
+def test_resume_after_kill_gives_identical_metrics(tmp_path):
+    common = [sys.executable, str(REPO / "retrain.py"), "--model", "gaussian", "--data", "gaussian", "--n-real", "100",
+              "--lam", "1", "--iters", "60", "--seed", "5", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = tmp_path / "killed"
+    p = subprocess.Popen(common + ["--out", str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        mj = killed / "metrics.jsonl"
+        if mj.exists() and len(mj.read_text().splitlines()) >= 15:
+            break
+        time.sleep(0.02)
+    p.kill()  # SIGKILL: no cleanup
+    p.wait()
+    done = len(metrics(killed / "metrics.jsonl"))
+    assert 15 <= done < 61, "the run should have been killed midway"
+    r = subprocess.run(common + ["--out", str(killed), "--resume"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    full = tmp_path / "full"
+    r = subprocess.run(common + ["--out", str(full)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    a, b = strip(metrics(killed / "metrics.jsonl")), strip(metrics(full / "metrics.jsonl"))
+    assert len(a) == len(b) == 61 and a == b
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, non-zero exit, no traceback, the run folder as it was
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    out = tmp_path / "existing"
+    assert run(out, "--model", "gaussian", "--data", "gaussian", "--n-real", 30, "--lam", 1, "--iters", 2) == 0
+    return out
+
+
+def mixed_folder(tmp_path) -> str:
+    from PIL import Image
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    Image.new("RGB", (8, 8)).save(d / "a.png")
+    Image.new("RGB", (16, 16)).save(d / "b.png")
+    return str(d)
+
+
+def foreign_checkpoint(tmp_path) -> str:
+    path = tmp_path / "edm.pt"
+    torch.save({"format": retrain.CKPT_FORMAT, "model": "edm", "state": {}}, path)
+    return str(path)
+
+
+def other_size_checkpoint(tmp_path) -> str:
+    m = gaussian.Model(gaussian.make_config("small", dim=3))
+    path = tmp_path / "dim3.pt"
+    torch.save({"format": retrain.CKPT_FORMAT, "model": "gaussian", "state": m.state_dict()}, path)
+    return str(path)
+
+
+BAD = {
+    "negative lam": (["--lam", "-1"], "lam"),
+    "non-numeric lam": (["--lam", "abc"], "not a number"),
+    "negative iters": (["--iters", "-2"], "iters"),
+    "unknown model": (["--model", "gan"], "gan"),
+    "missing data": (["--data", "/no/such/folder"], "not found"),
+    "mixed sizes": (["--data", mixed_folder], "mixed sizes"),
+    "checkpoint of another model": (["--force", "--init", foreign_checkpoint], "edm"),
+    "checkpoint of another size": (["--force", "--init", other_size_checkpoint], "3-d"),
+    "existing folder without --resume": ([], "--resume"),
+    "resume with other settings": (["--resume", "--n-real", "40"], "n_real"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_one_line_and_folder_untouched(tmp_path, existing_run, capsys, case):
+    extra, needle = BAD[case]
+    extra = [e(tmp_path) if callable(e) else e for e in extra]
+    before = folder_digest(existing_run)
+    capsys.readouterr()
+    argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", 30, "--lam", 1, "--iters", 2]
+    code = run(existing_run, *argv, *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("retrain.py: error:") and needle in err[0], err
+    assert folder_digest(existing_run) == before
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "retrain.py"), "--lam", "-0.5", "--out", str(tmp_path / "x")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
