@@ -48,6 +48,7 @@ import platform
 import shutil
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -172,6 +173,11 @@ def setup_device(name: str | None) -> tuple[int, int, torch.device]:
 
 def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,17 +434,18 @@ def load_init(args, s: dict, model, real: torch.Tensor) -> str:
         if url is None:
             raise UserError(f"no released {args.model} checkpoint for data '{key}' (have: {', '.join(s['module'].OFFICIAL_URLS) or 'none'})")
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.exists(path):
+        if not os.path.exists(path) and rank_world()[0] == 0:
             print(f"downloading {url} -> {path}")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 torch.hub.download_url_to_file(url, path)
             except Exception as e:
                 raise UserError(f"could not download {url} ({e}); download it by hand and pass --init PATH") from None
+        barrier()  # the other ranks wait for rank 0's download
     if not os.path.isfile(path):
         raise UserError(f"--init '{path}' not found: give a checkpoint file or 'official'")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # torch.save files are zips; anything else (EDM's .pkl) goes to the model's own loader
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if zipfile.is_zipfile(path) else None
         if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
             if ckpt["model"] != args.model:
                 raise ValueError(f"it holds a {ckpt['model']} model, not {args.model}")
@@ -454,8 +461,9 @@ def pretrain(args, model, real: torch.Tensor, cfg, progress: bool) -> str:
     """Iteration 0 without --init: train from scratch on the real data for the preset's pretraining budget."""
     kimg = getattr(cfg, "pretrain_kimg", 0)
     steps = round(kimg * 1000 / cfg.batch) if hasattr(cfg, "batch") else 0
-    print(f"iteration 0: training from scratch on {len(real)} real images"
-          + (f" for {kimg:g} kimg ({steps} steps of {cfg.batch})" if steps else " (closed form)"))
+    if rank_world()[0] == 0:
+        print(f"iteration 0: training from scratch on {len(real)} real images"
+              + (f" for {kimg:g} kimg ({steps} steps of {cfg.batch})" if steps else " (closed form)"))
     return "pretrain " + json.dumps(train(model, real, kimg, cfg, args.seed, 0, progress, "pretrain"))
 
 
@@ -471,8 +479,11 @@ def run(args) -> None:
     shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
     if is_image and real.shape[-2] != real.shape[-1]:
         raise UserError(f"images are {real.shape[-2]}x{real.shape[-1]}; the models need square images")
+    overrides = parse_overrides(args.overrides, module.Config)
+    if set(overrides) & set(shape):
+        raise UserError(f"--set {', '.join(set(overrides) & set(shape))}: set from the data, not from the command line")
     try:
-        cfg = module.make_config(s["preset"], **shape, **parse_overrides(args.overrides, module.Config))
+        cfg = module.make_config(s["preset"], **shape, **overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "kimg", 0)
@@ -497,7 +508,10 @@ def run(args) -> None:
     model = module.Model(cfg, device)
     real = real.to(device) if is_image else real
     ckpt0_path = os.path.join(out, "iter0.pt")
-    how = load_init(args, s, model, real) if args.init and not os.path.exists(ckpt0_path) else None
+    keep = args.resume or not args.force  # --force without --resume starts over
+    how = load_init(args, s, model, real) if args.init and not (keep and os.path.exists(ckpt0_path)) else None
+    if dataclasses.asdict(cfg) != config["model_config"]:  # the released file set some fields (EDM: its preconditioning)
+        config["model_config_after_init"] = dataclasses.asdict(cfg)
     if main_rank:
         if args.force and not args.resume and os.path.exists(out):
             shutil.rmtree(out)
@@ -506,6 +520,7 @@ def run(args) -> None:
         print(f"retrain.py: {args.model} ({s['preset']}) on {s['data']}: n={n} real, lam={', '.join(config['lams'])}, "
               f"{args.iters} iterations of {kimg:g} kimg, {n_eval} samples evaluated per iteration, device {device}"
               + (f" x {world} processes" if world > 1 else "") + f" -> {out}")
+    barrier()  # the run folder is ready before any rank looks into it
     evaluate = Evaluator(real.cpu() if is_image else real, args.metrics, args.inception, n_eval, device, progress,
                          cache=os.path.join(out, "real-features.npz")) if main_rank else None
 
@@ -543,8 +558,7 @@ def run(args) -> None:
                                                 n_synth[lam], is_image, progress, record, main_rank)
         if main_rank and len(lams) > 1:
             plot_metrics(histories, os.path.join(out, "metrics.png"))
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def log_line(r: dict) -> str:

@@ -1,0 +1,808 @@
+"""edm.py -- EDM (Karras, Aittala, Aila, Laine, "Elucidating the Design Space of Diffusion-Based Generative
+Models", NeurIPS 2022) in one file, as the strongest model of the retraining study (Bertrand et al., "On the
+Stability of Iterative Retraining of Generative Models on their Own Data", ICLR 2024).
+
+What is here, top to bottom:
+  - Config / PRESETS / make_config / OFFICIAL_URLS: hyperparameters ("paper" = CIFAR-10 as released by NVIDIA,
+    "ffhq64" = FFHQ 64x64 as released, "small" = 8x8 digits on a CPU).
+  - The DDPM++ U-Net ("SongUNet") with the module names of NVIDIA's release, so that its state dicts load strictly.
+  - The VP and EDM preconditioners of Table 1 (D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)), the EDM and VP
+    training losses, and the Heun sampler (Algorithms 1 and 2) in float64 with one random generator per image.
+  - Model: the training / sampling object that retrain.py drives.
+  - load_official: NVIDIA's released .pkl networks read with a restricted unpickler that runs no code from the
+    file; the preconditioning is taken from the class name stored in the file, never from the file name.
+
+Commands:
+    python retrain.py --model edm --preset small --lam 1 --iters 20        # 8x8 digits, CPU, ~15 minutes
+    python retrain.py --model edm --preset paper --init official ...       # fine-tune NVIDIA's CIFAR-10 network
+    python edm.py edm-cifar10-32x32-uncond-vp.pkl                           # what a released .pkl holds (runs no code)
+    pytest tests/test_edm.py
+"""
+
+import collections
+import copy
+import dataclasses
+import io
+import math
+import pickle
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    # ---- data (retrain.py sets img_channels / img_resolution from the dataset)
+    img_channels: int = 3                 # image channels; CIFAR-10: 3
+    img_resolution: int = 32              # pixels per side; CIFAR-10: 32
+    xflip: bool = False                   # retrain.py flips training images at random; EDM's dataset --xflip is off
+    # ---- network: DDPM++ U-Net as built by EDM's train.py --arch=ddpmpp
+    model_channels: int = 128             # channels of the first level
+    channel_mult: tuple = (2, 2, 2)       # channels per level = 128 * mult; CIFAR-10: 32, 16, 8 px, 256 channels each
+    channel_mult_emb: int = 4             # embedding width = 4 * 128 = 512
+    channel_mult_noise: int = 1           # noise-level embedding width = 1 * 128
+    num_blocks: int = 4                   # residual blocks per level (decoder: num_blocks + 1)
+    attn_resolutions: tuple = (16,)       # resolutions (px) whose blocks carry self-attention
+    augment_dim: int = 9                  # augment-label inputs: the released nets were trained with EDM's augment
+    #                                       pipe (p = 0.12, 9 labels). Training here passes NO augment labels, which
+    #                                       is the same as zero labels (map_augment has no bias); sampling passes
+    #                                       none either, as in EDM. 0 = no map_augment layer.
+    dropout: float = 0.13                 # dropout probability before each block's second conv; EDM CIFAR-10 default
+    precond: str = "edm"                  # "edm": EDM preconditioning + EDM loss; "vp": VP + VP loss (Table 1)
+    sigma_data: float = 0.5               # data standard deviation in EDM's c_skip/c_out/c_in and loss weight (Table 1)
+    P_mean: float = -1.2                  # EDM loss: ln(sigma) ~ N(P_mean, P_std^2) (Table 1, "noise distribution")
+    P_std: float = 1.2                    # EDM loss, see P_mean
+    # ---- optimisation (EDM train.py defaults for CIFAR-10)
+    batch: int = 512                      # images per optimizer step (all ranks together); EDM CIFAR-10 default
+    lr: float = 1e-3                      # Adam learning rate after the ramp-up; EDM CIFAR-10 default
+    lr_rampup_kimg: float = 10000.0       # lr = lr * min(images seen / ramp, 1) (EDM: 10 Mimg). "images seen" is
+    #                                       carried over in the state dict and set past the ramp by load_pretrained,
+    #                                       so fine-tuning never restarts it (EDM's --transfer restarts it each time)
+    adam_betas: tuple = (0.9, 0.999)      # Adam betas; EDM default
+    adam_eps: float = 1e-8                # Adam epsilon; EDM default
+    grad_clip: float = 0.0                # max global gradient norm, 0 = off (EDM: no clipping, only nan_to_num)
+    ema_halflife_kimg: float = 500.0      # EMA half-life in thousands of images, used for pretraining AND fine-tuning
+    #                                       (EDM --ema=0.5 Mimg, kept under --transfer in the paper's fine-tuning:
+    #                                       at kimg=50 the EMA moves only 1 - 0.5**(50/500) = 7% per iteration)
+    ema_rampup_ratio: float = 0.05        # half-life capped at ratio * images seen (EDM default); 0 = off. After
+    #                                       load_pretrained the cap is far above the half-life, i.e. inactive
+    pretrain_kimg: float = 200000.0       # thousands of images from scratch: EDM --duration=200 Mimg (2 days on 8
+    #                                       V100s); use retrain.py --init official instead
+    kimg: float = 50.0                    # thousands of images per retraining iteration (paper code: --num_mimg 0.05)
+    # ---- sampling: Heun, Algorithm 1 (Algorithm 2 when S_churn > 0); EDM generate.py defaults
+    num_steps: int = 18                   # noise levels N: 2N - 1 = 35 network evaluations per image (CIFAR-10)
+    sigma_min: float = 0.002              # smallest noise level of the grid (Eq. 5)
+    sigma_max: float = 80.0               # largest noise level of the grid (Eq. 5)
+    rho: float = 7.0                      # grid warping exponent (Eq. 5)
+    S_churn: float = 0.0                  # stochasticity (Algorithm 2); 0 = deterministic
+    S_min: float = 0.0                    # churn only for S_min <= sigma <= S_max
+    S_max: float = float("inf")           # see S_min
+    S_noise: float = 1.0                  # std of the added noise relative to the churn (Algorithm 2)
+    sample_batch: int = 1000              # images per generate() call; a speed setting only
+    sample_ema: bool = True               # sample from the EMA weights (EDM samples its EMA network)
+    amp: str = "auto"                     # "auto": bf16 autocast in the U-Net on CUDA, fp32 on CPU; "bf16"; "fp32"
+    compile: bool = False                 # torch.compile the network (falls back to eager with a warning)
+
+
+PRESETS = {
+    # CIFAR-10 32x32 unconditional DDPM++ exactly as released (edm-cifar10-32x32-uncond-vp.pkl): 55,733,891 params.
+    "paper": {},
+    # FFHQ 64x64 unconditional (edm-ffhq-64x64-uncond-vp.pkl, EDM README recipe): 61,805,571 params, 40 steps = 79 NFE.
+    "ffhq64": dict(img_resolution=64, channel_mult=(1, 2, 2, 2), dropout=0.05, lr=2e-4, batch=256, num_steps=40,
+                   sample_batch=500),
+    # 8x8 digits on a 2-core CPU (309,345 params, float32, ~6.5 GFLOP per training step of 128 images, ~80 ms on
+    # one core). Measured on the digits: the EMA's loss was 0.496 / 0.465 / 0.451 / 0.442 / 0.436 / 0.430 after
+    # 500 ... 3,000 steps, still creeping down, hence 6,000 pretraining steps; pixel-space Frechet distance of
+    # 1,797 samples to the digits after 3,000 steps: 1.12 at 6 sampler steps, 0.28 at 9, 0.13 at 18 (two halves
+    # of the real set against each other: 0.28), hence 18 steps as for CIFAR-10.
+    "small": dict(img_channels=1, img_resolution=8, model_channels=32, channel_mult=(1, 1), num_blocks=1,
+                  attn_resolutions=(4,), augment_dim=0, dropout=0.0, batch=128, lr=2e-3,
+                  lr_rampup_kimg=12.8,        # 100 steps of ramp, once (images seen carry over)
+                  ema_halflife_kimg=10.0,     # ~80 steps: the EMA follows each 300-step fine-tune (0.5**3.84 = 7% left)
+                  pretrain_kimg=768.0,        # 6,000 steps, see above
+                  kimg=38.4,                  # 300 steps per retraining iteration
+                  num_steps=18,               # 35 NFE, see above
+                  sample_batch=1797),         # all digits in one call
+}
+
+# Public addresses of NVIDIA's released networks (EDM README, "Pre-trained models"), by dataset name.
+OFFICIAL_URLS = {
+    "cifar10": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
+    "ffhq64": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-ffhq-64x64-uncond-vp.pkl",
+}
+
+
+def _coerce(value, default):
+    """Turn a command-line string (or list) into the type of a Config default."""
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        return tuple(type(default[0])(v) if default else v for v in value)
+    if isinstance(value, str) and not isinstance(default, str):
+        if isinstance(default, bool):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"not a boolean: {value!r}")
+            return value.lower() in ("1", "true", "yes")
+        return type(default)(float(value)) if isinstance(default, int) else type(default)(value)
+    return value
+
+
+def make_config(preset: str = "paper", **overrides) -> Config:
+    """Config of a preset with field overrides; an unknown preset or field raises ValueError naming it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown edm preset '{preset}' (choose from {', '.join(PRESETS)})")
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    values = {**PRESETS[preset], **overrides}
+    for name in values:
+        if name not in fields:
+            raise ValueError(f"unknown edm Config field '{name}'")
+    cfg = Config(**{k: _coerce(v, fields[k]) for k, v in values.items()})
+    if cfg.precond not in ("edm", "vp"):
+        raise ValueError(f"precond must be 'edm' or 'vp', not '{cfg.precond}'")
+    if cfg.amp not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', not '{cfg.amp}'")
+    if cfg.num_steps < 2:
+        raise ValueError("num_steps must be at least 2")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDPM++ U-Net (Song et al. 2021, as configured by EDM). Class and attribute names follow NVIDIA's release so that
+# state-dict keys match: model.map_layer0.weight, model.enc.32x32_block0.conv0.weight, ...
+
+
+class Linear(nn.Module):
+    """Fully connected layer; xavier-uniform weights times init_weight, zero bias."""
+
+    def __init__(self, in_features, out_features, bias=True, init_weight=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # (out, in)
+        nn.init.xavier_uniform_(self.weight.data).mul_(init_weight)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Module):
+    """Same-padded conv, optionally preceded by up- or down-sampling with a separable FIR filter ([1,1]: box)."""
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=(1, 1),
+                 init_weight=1.0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.up, self.down = in_channels, out_channels, up, down
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel)) if kernel else None
+        if kernel:
+            nn.init.xavier_uniform_(self.weight.data).mul_(init_weight)  # fan = channels * kernel^2
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = torch.outer(f, f)[None, None] / f.sum() ** 2  # (1, 1, k, k), sums to 1; [1,1] -> all 0.25
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):  # (B, Cin, H, W) -> (B, Cout, H', W')
+        if self.up or self.down:
+            C, f = x.shape[1], self.resample_filter.to(x.dtype)
+            pad = (f.shape[-1] - 1) // 2
+            if self.up:  # [1,1]: nearest-neighbour x2
+                x = F.conv_transpose2d(x, (4 * f).tile(C, 1, 1, 1), stride=2, padding=pad, groups=C)
+            if self.down:  # [1,1]: 2x2 average pooling
+                x = F.conv2d(x, f.tile(C, 1, 1, 1), stride=2, padding=pad, groups=C)
+        if self.weight is not None:
+            x = F.conv2d(x, self.weight, self.bias, padding=self.weight.shape[-1] // 2)
+        return x
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with min(32, C // 4) groups, computed in float32 also under autocast."""
+
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding of the noise label, ordered [sin, cos] as DDPM++ uses it."""
+
+    def __init__(self, num_channels, max_positions=10000, endpoint=True):
+        super().__init__()
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+
+    def forward(self, c):  # (B,) -> (B, num_channels)
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=c.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs  # f_i = 10000^(-i / (half - 1))
+        arg = c.float()[:, None] * freqs[None]  # (B, half)
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class UNetBlock(nn.Module):
+    """DDPM++ residual block: norm-silu-conv, + affine(emb), norm-silu-dropout-conv, skip, optional attention."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False, dropout=0.0,
+                 resample_filter=(1, 1), eps=1e-6, skip_scale=math.sqrt(0.5)):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_heads = 1 if attention else 0
+        self.dropout, self.skip_scale = dropout, skip_scale
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
+        self.affine = Linear(emb_channels, out_channels)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, init_weight=1e-5)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            self.skip = Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
+        if attention:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, init_weight=math.sqrt(0.2))
+            self.proj = Conv2d(out_channels, out_channels, 1, init_weight=1e-5)
+
+    def forward(self, x, emb):  # x (B, Cin, H, W), emb (B or 1, E) -> (B, Cout, H', W')
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))  # additive conditioning
+        h = self.conv1(F.dropout(h, self.dropout, self.training))
+        h = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
+        if self.num_heads:
+            h = (self.proj(self.attention(self.norm2(h))) + h) * self.skip_scale
+        return h
+
+    def attention(self, h):  # (B, C, H, W) -> (B, C, H, W), self-attention over the H*W positions
+        B, C, H, W = h.shape
+        q, k, v = self.qkv(h).reshape(B * self.num_heads, C // self.num_heads, 3, H * W).unbind(2)  # (B*heads, Ch, HW)
+        with torch.autocast(h.device.type, enabled=False):  # logits and softmax in float32
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(q.shape[1])).softmax(dim=2)
+        a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)  # (B*heads, Ch, HW)
+        return a.reshape(B, C, H, W)
+
+
+class SongUNet(nn.Module):
+    """DDPM++ U-Net (positional noise embedding, standard encoder and decoder) F(x; c_noise) of EDM."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, augment_dim=0, model_channels=128,
+                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.1,
+                 channel_mult_noise=1, resample_filter=(1, 1)):
+        super().__init__()
+        self.arch = dict(img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels,
+                         augment_dim=augment_dim, model_channels=model_channels, channel_mult=tuple(channel_mult),
+                         channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
+                         attn_resolutions=tuple(attn_resolutions), dropout=dropout,
+                         channel_mult_noise=channel_mult_noise)  # constructor arguments, for comparisons
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        blk = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
+        # mapping network: noise label (+ augment labels) -> embedding
+        self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels)
+        self.map_layer1 = Linear(emb_channels, emb_channels)
+        # encoder: every output is kept for the decoder's skip connections
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, 3)
+                cout = model_channels
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **blk)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **blk)
+        skips = [block.out_channels for block in self.enc.values()]
+        # decoder: two middle blocks, then num_blocks + 1 blocks per level, each fed [x, skip]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **blk)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **blk)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **blk)
+        res = img_resolution
+        self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
+        self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, init_weight=1e-5)
+
+    def forward(self, x, noise_labels, augment_labels=None):  # x (B, C, H, W), noise_labels (B or 1,) -> (B, C, H, W)
+        emb = self.map_noise(noise_labels)  # (B, noise_channels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))  # (B, emb_channels)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = block(x)
+            elif name.endswith("aux_conv"):
+                x = block(F.silu(x))
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preconditioning (Karras et al. 2022, Table 1): D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise)
+
+VP_BETA_D, VP_BETA_MIN, VP_M, VP_EPSILON_T = 19.9, 0.1, 1000, 1e-5  # VP constants (Table 1; Song et al. 2021)
+
+
+def vp_sigma(t, beta_d=VP_BETA_D, beta_min=VP_BETA_MIN):
+    """VP noise schedule sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (Table 1, "schedule")."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()
+
+
+def vp_sigma_inv(sigma, beta_d=VP_BETA_D, beta_min=VP_BETA_MIN):
+    """Inverse of vp_sigma: t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d."""
+    sigma = torch.as_tensor(sigma)
+    return ((beta_min ** 2 + 2 * beta_d * (1 + sigma ** 2).log()).sqrt() - beta_min) / beta_d
+
+
+class Precond(nn.Module):
+    """Wraps the U-Net F as the denoiser D(x, sigma); subclasses give the coefficients of Table 1."""
+
+    sigma_min, sigma_max = 0.0, float("inf")  # noise levels the denoiser supports
+
+    def __init__(self, model: SongUNet):
+        super().__init__()
+        self.model = model
+        self.use_bf16 = False  # bf16 autocast inside the U-Net (set by Model from cfg.amp)
+
+    def forward(self, x, sigma, augment_labels=None):  # x (B, C, H, W), sigma scalar / (B,) / (B,1,1,1) -> (B, C, H, W)
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            F_x = self.model(c_in * x, c_noise.flatten(), augment_labels)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+
+class VPPrecond(Precond):
+    """VP preconditioning (Table 1, "VP" column)."""
+
+    def __init__(self, model, beta_d=VP_BETA_D, beta_min=VP_BETA_MIN, M=VP_M, epsilon_t=VP_EPSILON_T):
+        super().__init__(model)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        # range of the schedule, computed in float32: 0.0009765625 and 152.16698
+        self.sigma_min = float(vp_sigma(torch.tensor(epsilon_t, dtype=torch.float32), beta_d, beta_min))
+        self.sigma_max = float(vp_sigma(torch.tensor(1.0, dtype=torch.float32), beta_d, beta_min))
+
+    def coefficients(self, sigma):  # (B,1,1,1) -> c_skip, c_out, c_in, c_noise
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + 1).sqrt()
+        c_noise = (self.M - 1) * vp_sigma_inv(sigma, self.beta_d, self.beta_min)
+        return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(Precond):
+    """EDM preconditioning (Table 1, "EDM (ours)" column)."""
+
+    def __init__(self, model, sigma_data=0.5, sigma_min=0.0, sigma_max=float("inf")):
+        super().__init__(model)
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def coefficients(self, sigma):  # (B,1,1,1) -> c_skip, c_out, c_in, c_noise
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+
+PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond}
+
+
+def build_denoiser(cfg: Config) -> Precond:
+    """The preconditioned DDPM++ denoiser D(x, sigma) that cfg describes (random initialisation)."""
+    unet = SongUNet(img_resolution=cfg.img_resolution, in_channels=cfg.img_channels, out_channels=cfg.img_channels,
+                    augment_dim=cfg.augment_dim, model_channels=cfg.model_channels,
+                    channel_mult=tuple(cfg.channel_mult), channel_mult_emb=cfg.channel_mult_emb,
+                    num_blocks=cfg.num_blocks, attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout,
+                    channel_mult_noise=cfg.channel_mult_noise)
+    return EDMPrecond(unet, sigma_data=cfg.sigma_data) if cfg.precond == "edm" else VPPrecond(unet)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training losses: lambda(sigma) * ||D(y + n; sigma) - y||^2, n ~ N(0, sigma^2 I) (Eq. 2 and Table 1)
+
+
+def edm_loss(D, y, cfg):
+    """EDM loss: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2; per element."""
+    sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * cfg.P_std + cfg.P_mean).exp()  # (B, 1, 1, 1)
+    weight = (sigma ** 2 + cfg.sigma_data ** 2) / (sigma * cfg.sigma_data) ** 2
+    n = torch.randn_like(y) * sigma
+    return weight * (D(y + n, sigma) - y) ** 2  # (B, C, H, W)
+
+
+def vp_loss(D, y, cfg):
+    """VP loss: sigma = sigma_VP(t), t ~ U(epsilon_t, 1), lambda = 1 / sigma^2; per element."""
+    t = 1 + torch.rand(y.shape[0], 1, 1, 1, device=y.device) * (VP_EPSILON_T - 1)  # (B, 1, 1, 1)
+    sigma = vp_sigma(t)
+    weight = 1 / sigma ** 2
+    n = torch.randn_like(y) * sigma
+    return weight * (D(y + n, sigma) - y) ** 2  # (B, C, H, W)
+
+
+LOSSES = {"edm": edm_loss, "vp": vp_loss}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def time_steps(num_steps, sigma_min, sigma_max, rho):
+    """Noise levels of Eq. 5, t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then t_N = 0."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])  # (N + 1,)
+
+
+def heun_sampler(D, latents, cfg, generators=None):
+    """EDM Heun sampler, Algorithm 2 of Karras et al. 2022 (Algorithm 1 when S_churn = 0); returns (x, nfe)."""
+    sigma_min = max(cfg.sigma_min, getattr(D, "sigma_min", 0.0))
+    sigma_max = min(cfg.sigma_max, getattr(D, "sigma_max", float("inf")))
+    t = time_steps(cfg.num_steps, sigma_min, sigma_max, cfg.rho).tolist()
+    x_next, nfe = latents.to(torch.float64) * t[0], 0  # (N, C, H, W) float64
+
+    def denoise(x, sigma):  # D at a 0-dim noise level (a tensor, so torch.compile does not specialise on it)
+        return D(x, torch.tensor(sigma, dtype=torch.float64, device=x.device)).to(torch.float64)
+
+    for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
+        x_cur = x_next
+        gamma = min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1) if cfg.S_min <= t_cur <= cfg.S_max else 0.0
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_cur
+        if cfg.S_churn > 0:  # drawn at every step, as the reference does, so per-seed streams stay aligned
+            eps = (torch.randn_like(x_cur) if generators is None else
+                   torch.stack([torch.randn(x_cur.shape[1:], generator=g, dtype=x_cur.dtype, device=x_cur.device)
+                                for g in generators]))
+            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * cfg.S_noise * eps
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat  # Euler step
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        nfe += 1
+        if i < cfg.num_steps - 1:  # 2nd-order correction, except for the step to sigma = 0
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            nfe += 1
+    return x_next, nfe
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model object retrain.py drives
+
+
+class _Compiled:
+    """torch.compile(module), falling back to the eager module with one warning if compilation fails."""
+
+    def __init__(self, module):
+        self.module, self.compiled = module, torch.compile(module)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # no compiler toolchain, unsupported op, ...
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
+                self.compiled = None
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):  # sigma_min, sigma_max, ...
+        return getattr(self.module, name)
+
+
+class Model:
+    """EDM denoiser, its EMA and Adam; train_step / generate / state_dict as retrain.py expects."""
+
+    def __init__(self, cfg: Config, device="cpu"):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.step = 0  # optimizer steps taken, carried over
+        self.nimg = 0  # training images seen, carried over: drives the lr ramp-up and the EMA ramp-up
+        self.nfe = 0  # network evaluations per image of the last generate()
+        self._build()
+
+    def _build(self):
+        cfg = self.cfg
+        self.net = build_denoiser(cfg).to(self.device)  # raw weights, trained
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        self.net.use_bf16 = self.ema.use_bf16 = bf16
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        train_net = self.net
+        if dist.is_available() and dist.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self._train_net = _Compiled(train_net) if cfg.compile else train_net
+        self._sample_net = {True: _Compiled(self.ema) if cfg.compile else self.ema,
+                            False: _Compiled(self.net) if cfg.compile else self.net}
+
+    def lr(self) -> float:
+        """Learning rate of the next step: linear ramp-up over lr_rampup_kimg images seen, then constant."""
+        ramp = self.cfg.lr_rampup_kimg * 1000
+        return self.cfg.lr * (min(self.nimg / ramp, 1.0) if ramp > 0 else 1.0)
+
+    def ema_beta(self, batch: int) -> float:
+        """EMA decay per step: 0.5 ** (batch / half-life in images), half-life capped by the ramp-up ratio."""
+        halflife = self.cfg.ema_halflife_kimg * 1000
+        if self.cfg.ema_rampup_ratio > 0:
+            halflife = min(halflife, self.cfg.ema_rampup_ratio * self.nimg)
+        return 0.5 ** (batch / max(halflife, 1e-8))
+
+    def train_step(self, x: torch.Tensor) -> float:
+        """One Adam step on x (B, C, H, W) in [-1, 1]; returns the mean per-element weighted loss."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        batch = x.shape[0] * world  # images in this step, all ranks together
+        self.net.train()
+        loss = LOSSES[self.cfg.precond](self._train_net, x, self.cfg)  # (B, C, H, W) float32
+        self.opt.zero_grad(set_to_none=True)
+        (loss.sum() / x.shape[0]).backward()  # EDM's reduction: sum over pixels, mean over images
+        for p in self.net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr()
+        self.opt.step()
+        beta = self.ema_beta(batch)
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+                p_ema.lerp_(p.detach(), 1 - beta)  # p_ema <- beta p_ema + (1 - beta) p
+            for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
+                b_ema.copy_(b)
+        self.nimg += batch
+        self.step += 1
+        value = loss.detach().mean()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        return float(value)
+
+    def generate(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) float32 in [-1, 1]; image i depends only on seeds[i] (its own generator)."""
+        cfg = self.cfg
+        (self.ema if cfg.sample_ema else self.net).eval()
+        D = self._sample_net[cfg.sample_ema]
+        with torch.inference_mode():
+            gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds.tolist()]
+            latents = torch.stack([torch.randn(cfg.img_channels, cfg.img_resolution, cfg.img_resolution,
+                                               generator=g, device=self.device) for g in gens])  # (N, C, H, W)
+            x, self.nfe = heun_sampler(D, latents, cfg, gens)
+        return x.clamp(-1, 1).to(torch.float32)
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "step": self.step, "nimg": self.nimg, "precond": self.cfg.precond}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("precond", self.cfg.precond) != self.cfg.precond:
+            self.cfg.precond = d["precond"]  # in place: the caller's Config records it too
+            self._build()
+        self.net.load_state_dict(d["net"])
+        self.ema.load_state_dict(d["ema"])
+        self.opt.load_state_dict(d["opt"])
+        self.step, self.nimg = int(d["step"]), int(d["nimg"])
+
+    def load_pretrained(self, path: str) -> None:
+        """NVIDIA's released .pkl -> weights into net and EMA; images seen set past the ramp-ups."""
+        net = load_official(path)
+        kind = {EDMPrecond: "edm", VPPrecond: "vp"}[type(net)]
+        got = {("img_channels" if k == "in_channels" else k): v for k, v in net.model.arch.items()
+               if k not in ("out_channels", "dropout")}  # dropout is a training setting: cfg.dropout applies
+        if kind == "edm":
+            got["sigma_data"] = net.sigma_data
+        mismatch = [f"{k}={v} (config: {getattr(self.cfg, k)})" for k, v in got.items()
+                    if v != getattr(self.cfg, k)]
+        if mismatch:
+            raise ValueError(f"{path} holds a different network: {', '.join(mismatch)}; "
+                             "use the matching preset (paper for CIFAR-10, ffhq64 for FFHQ-64)")
+        if kind != self.cfg.precond:  # the preconditioning follows the class stored in the file
+            print(f"edm: {path} holds {type(net).__name__}; training with precond='{kind}'")
+            self.cfg.precond = kind  # in place: the caller's Config records it too
+            self._build()
+        self.net.load_state_dict(net.state_dict())
+        self.ema.load_state_dict(net.state_dict())
+        self.nimg = max(self.nimg, int(self.cfg.lr_rampup_kimg * 1000))  # no lr ramp-up again
+        self.step = max(self.step, self.nimg // self.cfg.batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# NVIDIA's released .pkl files, read without running code from them
+#
+# A snapshot is a plain pickle of dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...). Every object of
+# a "persistent class" pickles as torch_utils.persistence._reconstruct_persistent_obj(meta), where meta holds the
+# class name, the object's __dict__ and the full source of its module, which the normal unpickler exec()s. Here each
+# of those becomes an inert _Persistent holding only the class name and __dict__; tensors are rebuilt by torch's own
+# weights-only loader; every other global in the file is refused.
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The file asks for something a released EDM network pickle never contains."""
+
+
+class _Persistent:
+    """Stand-in for an object of a persistent class: class name and __dict__ only; its source is never run."""
+
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+
+class _ModuleDictStub:
+    """Stand-in for torch.nn.ModuleDict (pickled by reference, rebuilt with __setstate__): keeps the __dict__."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _NumpyDType:
+    """Stand-in for numpy.dtype(name, align, copy) + its byte-order state; numeric kinds only."""
+
+    def __init__(self, name, align=False, copy=False):
+        self.name, self.byteorder = str(name), "="
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "=", "|"):
+            self.byteorder = state[1]
+
+
+def _persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise UnsafePickleError("unexpected persistent-object record (expected type='class' with a state dict)")
+    return _Persistent(str(meta.get("class_name")), meta["state"])  # meta['module_src'] is ignored
+
+
+def _numpy_scalar(dtype, data):
+    if not isinstance(dtype, _NumpyDType) or not isinstance(data, bytes):
+        raise UnsafePickleError("unexpected numpy scalar record")
+    dt = np.dtype(dtype.name)
+    if dt.kind not in "biuf":
+        raise UnsafePickleError(f"refusing numpy scalar of dtype {dtype.name!r}")
+    order = dtype.byteorder if dtype.byteorder in "<>" else "="
+    return np.frombuffer(data, dtype=dt.newbyteorder(order))[0].item()  # plain Python number
+
+
+def _load_storage(data):
+    if not isinstance(data, bytes):
+        raise UnsafePickleError("storage record is not bytes")
+    storage = torch.load(io.BytesIO(data), weights_only=True)  # torch's own restricted loader
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError("storage record does not hold a storage")
+    return storage
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError("tensor record without a storage")
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    if not isinstance(data, torch.Tensor):
+        raise UnsafePickleError("parameter record without a tensor")
+    return data
+
+
+_ALLOWED_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch.nn.modules.container", "ModuleDict"): _ModuleDictStub,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy 1.x writers
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,  # numpy 2.x writers
+    ("numpy", "dtype"): _NumpyDType,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise UnsafePickleError(f"refusing to load '{module}.{name}': not something an EDM network pickle "
+                                    "holds (the file may be corrupt or malicious); nothing was executed")
+        return _ALLOWED_GLOBALS[(module, name)]
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError("refusing a persistent id: not something an EDM network pickle holds")
+
+
+def _tensors_of(obj, prefix="", out=None) -> dict:
+    """State dict of a pickled module tree: parameters, then persistent buffers, then children, as nn.Module does."""
+    out = collections.OrderedDict() if out is None else out
+    state = getattr(obj, "state", None)
+    if not isinstance(state, dict):
+        raise UnsafePickleError(f"module '{prefix[:-1]}' has no state")
+    skip = state.get("_non_persistent_buffers_set") or set()
+    named = [*state.get("_parameters", {}).items(),
+             *((k, v) for k, v in state.get("_buffers", {}).items() if k not in skip)]
+    for name, t in named:
+        if t is not None:
+            if not isinstance(t, torch.Tensor):
+                raise UnsafePickleError(f"'{prefix}{name}' is not a tensor")
+            out[prefix + name] = t
+    for name, child in state.get("_modules", {}).items():
+        if child is not None:
+            _tensors_of(child, f"{prefix}{name}.", out)
+    return out
+
+
+def read_official(path):
+    """(class name, constructor kwargs, state dict) of the 'ema' network in an EDM .pkl; runs no code."""
+    with open(path, "rb") as f:
+        data = _RestrictedUnpickler(f).load()
+    if not isinstance(data, dict) or not isinstance(data.get("ema"), _Persistent):
+        raise ValueError(f"{path}: not an EDM network snapshot (no persistent 'ema' object)")
+    ema = data["ema"]
+    kwargs = ema.state.get("_init_kwargs")
+    if not isinstance(kwargs, dict) or ema.state.get("_init_args"):
+        raise ValueError(f"{path}: the 'ema' object has no constructor kwargs")
+    return ema.class_name, dict(kwargs), _tensors_of(ema)
+
+
+def denoiser_from_kwargs(class_name, kwargs) -> Precond:
+    """This file's denoiser for the reference constructor call <class_name>(**kwargs) (DDPM++ only)."""
+    if class_name not in ("EDMPrecond", "VPPrecond"):
+        raise ValueError(f"unsupported preconditioner '{class_name}' (supported: EDMPrecond, VPPrecond)")
+    kw = dict(kwargs)
+    fixed = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                 decoder_type="standard", label_dim=0)
+    for key, want in fixed.items():
+        if kw.pop(key, want) != want:
+            raise ValueError(f"unsupported network: {key}={kwargs[key]!r} (only unconditional DDPM++ is built here)")
+    kw.pop("use_fp16", None)  # precision is chosen by cfg.amp here
+    kw.pop("label_dropout", None)  # only used with class labels
+    own = {"EDMPrecond": ("sigma_data", "sigma_min", "sigma_max"),
+           "VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t")}[class_name]
+    pre = {k: kw.pop(k) for k in own if k in kw}
+    unet_keys = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks",
+                 "attn_resolutions", "dropout", "channel_mult_noise", "resample_filter")
+    unet = {k: kw.pop(k) for k in unet_keys if k in kw}
+    res, ch = kw.pop("img_resolution"), kw.pop("img_channels")
+    if kw:
+        raise ValueError(f"unsupported constructor arguments: {sorted(kw)}")
+    for k in ("channel_mult", "attn_resolutions", "resample_filter"):
+        if k in unet:
+            unet[k] = tuple(unet[k])
+    model = SongUNet(img_resolution=res, in_channels=ch, out_channels=ch, **unet)
+    return PRECONDS["edm" if class_name == "EDMPrecond" else "vp"](model, **pre)
+
+
+def load_official(path) -> Precond:
+    """NVIDIA's released .pkl -> this file's preconditioned denoiser D(x, sigma) with its weights (CPU, eval)."""
+    class_name, kwargs, state = read_official(path)
+    net = denoiser_from_kwargs(class_name, kwargs)
+    net.load_state_dict(state, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    for pkl in sys.argv[1:]:
+        name, kwargs, sd = read_official(pkl)
+        print(f"{pkl}: {name}, {len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} elements")
+        print(f"  kwargs: {kwargs}")
