@@ -1,0 +1,276 @@
+"""Tests of fid.py: the Inception network and features against pytorch-fid fixtures, the Fréchet distance
+against closed forms, precision/recall against a brute-force reading of Kynkäänniemi et al. 2019,
+the reference cache and the command line.
+
+    pytest -q tests/test_fid.py
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import fid  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def fixture(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"fixture {name} not available")
+    return path
+
+
+def weight_rule(net: torch.nn.Module) -> torch.nn.Module:
+    """The deterministic weights of the fixture (README_ddpm_fid.md section 5), entry i seeded with i."""
+    with torch.no_grad():
+        for i, (name, v) in enumerate(net.state_dict().items()):
+            g, shape = torch.Generator().manual_seed(i), v.shape
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith(".weight") and len(shape) >= 2:
+                v.copy_(torch.randn(shape, generator=g) * math.sqrt(2 / math.prod(shape[1:])))
+            elif name.endswith(".weight"):
+                v.copy_(1 + 0.1 * torch.randn(shape, generator=g))
+            elif name.endswith((".bias", ".running_mean")):
+                v.copy_(0.1 * torch.randn(shape, generator=g))
+            elif name.endswith(".running_var"):
+                v.copy_(1 + 0.1 * torch.rand(shape, generator=g))
+            else:
+                raise AssertionError(f"weight rule does not cover {name}")
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def net():
+    return weight_rule(fid.FIDInception())
+
+
+@pytest.fixture(scope="module")
+def inception_fixture():
+    return torch.load(fixture("inception_fixture.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def fixture_features(net, inception_fixture):
+    return fid.inception_features(inception_fixture["images"], net, batch_size=64, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network and its features
+
+
+def test_state_dict_equals_released_keys():
+    spec = json.loads(fixture("inception_keys.json").read_text())
+    sd = fid.FIDInception().state_dict()
+    assert [(k, list(v.shape)) for k, v in sd.items()] == [(k, s) for k, s in spec["keys"]]
+    assert sum(p.numel() for p in fid.FIDInception().parameters()) == spec["total_params"] == 23_850_960
+
+
+def test_features_match_pytorch_fid(net, inception_fixture, fixture_features):
+    feats = fixture_features
+    assert feats.dtype == np.float64 and feats.shape == (8, 2048)
+    assert np.abs(feats - inception_fixture["features"].double().numpy()).max() < 1e-4
+    # the same images as floats in [-1, 1] give the same features (to float32 rounding)
+    floats = fid.inception_features(inception_fixture["images"][:2].float() / 127.5 - 1, net, progress=False)
+    assert np.abs(floats - feats[:2]).max() < 1e-4
+
+
+def test_features_do_not_depend_on_batch_size(net, inception_fixture, fixture_features):
+    for batch_size in (1, 7):  # 8 batches of 1; batches of 7 and 1; (fixture_features: one batch of 8)
+        feats = fid.inception_features(inception_fixture["images"], net, batch_size=batch_size, progress=False)
+        assert np.abs(feats - fixture_features).max() < 1e-5
+
+
+def test_grey_images_are_repeated_to_rgb(net):
+    grey = torch.randint(0, 256, (1, 1, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    a = fid.inception_features(grey, net, progress=False)
+    b = fid.inception_features(grey.repeat(1, 3, 1, 1), net, progress=False)
+    assert np.abs(a - b).max() < 1e-6 and np.abs(a).max() > 0.01
+
+
+def test_pixel_features_scale_to_minus_one_one():
+    x = torch.tensor([0, 255, 51], dtype=torch.uint8).reshape(1, 1, 1, 3).repeat(2, 3, 1, 1)  # (2, 3, 1, 3)
+    f = fid.pixel_features(x)
+    assert f.dtype == np.float64 and f.shape == (2, 9)
+    assert np.allclose(f[0, :3], [-1.0, 1.0, 51 / 127.5 - 1], atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics and the Fréchet distance
+
+
+def test_fixture_stats_and_distance(inception_fixture):
+    fx = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in inception_fixture.items()}
+    mu_a, sigma_a = fid.feature_stats(fx["feats_a"])
+    assert np.abs(mu_a - fx["mu_a"]).max() < 1e-12 and np.abs(sigma_a - fx["sigma_a"]).max() < 1e-12
+    for method in ("sqrtm", "eigh"):
+        d = fid.frechet_distance(fx["mu_a"], fx["sigma_a"], fx["mu_b"], fx["sigma_b"], method=method)
+        assert abs(d - fx["fd_ab"]) < 1e-6
+
+
+def test_distance_of_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.5, 3, size=5), rng.uniform(0.5, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    for method in ("sqrtm", "eigh"):
+        assert abs(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method) - expected) < 1e-10
+
+
+def test_distance_of_rotated_gaussians():
+    # both rotated alike (commuting): same value as the diagonal pair
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    a, b = rng.uniform(0.5, 3, size=6), rng.uniform(0.5, 3, size=6)
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    for method in ("sqrtm", "eigh"):
+        d = fid.frechet_distance(np.zeros(6), q @ np.diag(a) @ q.T, np.zeros(6), q @ np.diag(b) @ q.T, method=method)
+        assert abs(d - expected) < 1e-10
+    # only one rotated (not commuting), 2-d: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2
+    th = 0.7
+    r = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    s1, s2 = np.diag([4.0, 1.0]), r @ np.diag([9.0, 0.25]) @ r.T
+    m = s1 @ s2
+    expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    for method in ("sqrtm", "eigh"):
+        assert abs(fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, method=method) - expected) < 1e-10
+    assert abs(expected - (5.0 + 9.25 - 2 * (6.0 + 0.5))) > 0.1  # differs from the unrotated pair
+
+
+def test_distance_to_itself_is_zero_and_symmetric():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16)), rng.normal(size=(300, 16)) + 0.3
+    mx, sx = fid.feature_stats(x)
+    my, sy = fid.feature_stats(y)
+    for method in ("sqrtm", "eigh"):
+        assert abs(fid.frechet_distance(mx, sx, mx, sx, method=method)) < 1e-8
+        dxy = fid.frechet_distance(mx, sx, my, sy, method=method)
+        dyx = fid.frechet_distance(my, sy, mx, sx, method=method)
+        assert dxy > 1 and abs(dxy - dyx) < 1e-8 * dxy
+
+
+def test_eigh_method_is_exact_for_fewer_images_than_dimensions():
+    # centred features A (n1, D), B (n2, D): tr((S1 S2)^(1/2)) = nuclear norm of A B^T / sqrt((n1-1)(n2-1))
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(20, 300)) @ rng.normal(size=(300, 300)) * 0.1, rng.normal(size=(15, 300)) + 0.2
+    (mx, sx), (my, sy) = fid.feature_stats(x), fid.feature_stats(y)
+    a, b = x - mx, y - my
+    trace = np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt(19 * 14)
+    expected = np.sum((mx - my) ** 2) + np.trace(sx) + np.trace(sy) - 2 * trace
+    assert abs(fid.frechet_distance(mx, sx, my, sy, method="eigh") - expected) < 1e-9 * expected
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision and recall
+
+
+def brute_force_precision_recall(real, fake, k):
+    """Kynkäänniemi et al. 2019 in float64 numpy: radius = k-th nearest other point, strict <."""
+    def inside(q, m):
+        dm = np.linalg.norm(m[:, None] - m[None], axis=-1)
+        radii = np.sort(dm, axis=1)[:, k]                       # column 0 is the point itself
+        return (np.linalg.norm(q[:, None] - m[None], axis=-1) < radii[None]).any(axis=1).mean()
+    return inside(fake, real), inside(real, fake)
+
+
+def test_precision_recall_matches_brute_force_in_chunks():
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(150, 5)), rng.normal(size=(120, 5)) * 1.5 + 0.5
+    expected = brute_force_precision_recall(real, fake, 3)
+    assert 0.2 < expected[0] < 0.99 and 0.2 < expected[1] < 0.99  # a case where the radii decide
+    for chunk in (10000, 37):
+        assert fid.precision_recall(real, fake, k=3, device="cpu", chunk=chunk) == pytest.approx(expected, abs=1e-12)
+
+
+def test_radius_is_kth_other_point_and_strict():
+    real = np.array([[0.0], [1.0], [3.0]])  # k = 1 radii: 1, 1, 2
+    assert fid.precision_recall(real, np.array([[2.0], [-1.0]]), k=1, device="cpu")[0] == 0.5  # -1 is on a boundary
+    assert fid.precision_recall(real, np.array([[2.0], [-0.999]]), k=1, device="cpu")[0] == 1.0
+
+
+def test_precision_recall_identical_and_half_covered():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 8))
+    assert fid.precision_recall(x, x, device="cpu") == (1.0, 1.0)
+    real = np.concatenate([rng.normal(size=(500, 2)), rng.normal(size=(500, 2)) + 20.0])  # two far-apart clusters
+    precision, recall = fid.precision_recall(real, rng.normal(size=(500, 2)), device="cpu")  # covers one
+    assert precision > 0.95 and 0.45 < recall <= 0.5
+    both = np.concatenate([rng.normal(size=(250, 2)), rng.normal(size=(250, 2)) + 20.0])
+    assert fid.precision_recall(real, both, device="cpu")[1] > 0.9
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference cache, weights loading, command line
+
+
+def test_reference_cache_and_mismatch(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (40, 1, 8, 8), generator=g, dtype=torch.uint8)
+    path = tmp_path / "ref.npz"
+    ref = fid.reference(images, "digits", str(path), split="all")
+    assert path.exists() and ref["count"] == 40 and ref["kind"] == "pixel"
+    monkeypatch.setattr(fid, "pixel_features", lambda x: pytest.fail("the cached reference was recomputed"))
+    cached = fid.reference(images, "digits", str(path), split="all")
+    assert np.array_equal(cached["mu"], ref["mu"]) and np.array_equal(cached["sigma"], ref["sigma"])
+    assert np.array_equal(cached["features"], ref["features"]) and cached["sha256"] == ref["sha256"]
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1
+    with pytest.raises(fid.ReferenceMismatch, match="sha256"):
+        fid.reference(other, "digits", str(path), split="all")
+    with pytest.raises(fid.ReferenceMismatch, match="split"):
+        fid.reference(images, "digits", str(path), split="train")
+    assert [p.name for p in tmp_path.iterdir()] == ["ref.npz"]  # no temporary file left behind
+
+
+def test_missing_weights_raise_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv(fid.CFG.weights_env, raising=False)
+    with pytest.raises(fid.InceptionUnavailable) as e:
+        fid.load_inception(str(tmp_path / "nope.pth"))
+    assert "\n" not in str(e.value) and fid.CFG.weights_url in str(e.value)
+    monkeypatch.setenv(fid.CFG.weights_env, str(tmp_path / "nope.pth"))
+    with pytest.raises(fid.InceptionUnavailable):
+        fid.load_inception()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "fid.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_cli_calc_on_a_tiny_set(tmp_path, net):
+    if not (ROOT / "data.py").exists():
+        pytest.skip("data.py not available")
+    weights = tmp_path / "w.pth"
+    torch.save(net.state_dict(), weights)
+    g = torch.Generator().manual_seed(6)
+    np.save(tmp_path / "real.npy", torch.randint(0, 256, (6, 8, 8, 3), generator=g, dtype=torch.uint8).numpy())
+    np.save(tmp_path / "fake.npy", torch.randint(0, 256, (5, 3, 8, 8), generator=g, dtype=torch.uint8).numpy())
+    ref = tmp_path / "ref.npz"
+    r = run_cli("calc", str(tmp_path / "fake.npy"), "--data", str(tmp_path / "real.npy"), "--ref", str(ref),
+                "--inception", str(weights), "--device", "cpu", "--fd", "eigh")  # sqrtm at 2048-d: ~40 CPU-s
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["n"] == 5 and out["n_ref"] == 6 and out["fd"] == "eigh" and math.isfinite(out["fid"]) and out["fid"] > 0
+    assert 0 <= out["precision"] <= 1 and 0 <= out["recall"] <= 1
+    assert "warning: only" in r.stderr  # fewer than 2048 images
+    assert fid.load_reference(str(ref))["count"] == 6
+
+
+def test_cli_missing_weights_is_a_one_line_error(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 8, 8), np.uint8))
+    r = run_cli("calc", str(tmp_path / "x.npy"), "--data", str(tmp_path / "x.npy"),
+                "--inception", str(tmp_path / "missing.pth"), "--device", "cpu")
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "missing.pth" in r.stderr
