@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (training batches, noise, samples)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (same as --set compile=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -153,6 +154,9 @@ def train_seed(seed: int, it: int) -> int:
 
 
 def setup_device(name: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); on CUDA, TF32 matmuls and convolutions for training (fid.py turns TF32
+    off for its own exact float32 features)."""
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and name != "cpu"
@@ -250,35 +254,52 @@ class Evaluator:
     Inception-v3 pool features (FID) when the weights are available and the images are 32 px or
     more; otherwise raw pixels (or raw vectors), which is what tiny images and --metrics pixel get.
     The Frechet distance uses the statistics of the whole real set; precision and recall its first
-    n_eval images, so both manifolds hold as many points as the paper's 50k vs 50k."""
+    n_eval images, so both manifolds hold as many points as the paper's 50k vs 50k. Under torchrun
+    every rank extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
 
     def __init__(self, real: torch.Tensor, choice: str, inception: str | None, n_eval: int, device, progress: bool,
                  cache: str):
         self.device, self.progress, self.net, self.n_eval = device, progress, None, n_eval
+        self.main = rank_world()[0] == 0
         is_image = real.dtype == torch.uint8
-        want = choice == "inception" or (choice == "auto" and is_image and real.shape[-1] >= 32)
-        if want:
+        if choice == "inception" or (choice == "auto" and is_image and real.shape[-1] >= 32):
             try:
                 self.net = fid.load_inception(inception, device=device)
             except fid.InceptionUnavailable as e:
                 if choice == "inception":
                     raise UserError(str(e)) from None
-                print(f"retrain.py: Inception weights unavailable, using pixel-space metrics ({e})")
+                if self.main:
+                    print(f"retrain.py: Inception weights unavailable, using pixel-space metrics ({e})")
         self.kind = "inception" if self.net is not None else ("pixel" if is_image else "raw")
+        if not self.main:
+            return
         if self.net is not None:
-            ref = fid.reference(real, name=f"train-{len(real)}", path=cache, net=self.net, device=device)
+            try:
+                ref = fid.reference(real, name=f"train-{len(real)}", path=cache, net=self.net, device=device,
+                                    progress=progress)
+            except fid.ReferenceMismatch as e:
+                raise UserError(str(e)) from None
             self.real_feats, self.real_stats = ref["features"], (ref["mu"], ref["sigma"])
         else:
             self.real_feats = self.features(real)
             self.real_stats = fid.feature_stats(self.real_feats)
 
     def features(self, x: torch.Tensor) -> np.ndarray:
-        if self.net is not None:
-            return fid.inception_features(x, self.net, device=self.device, progress=self.progress)
-        return fid.pixel_features(x) if x.dtype == torch.uint8 else x.reshape(len(x), -1).numpy().astype(np.float64)
+        if self.net is None:
+            return fid.pixel_features(x) if x.dtype == torch.uint8 else x.reshape(len(x), -1).numpy().astype(np.float64)
+        rank, world = rank_world()
+        f = fid.inception_features(torch.tensor_split(x, world)[rank], self.net, device=self.device, progress=self.progress)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, f)
+            f = np.concatenate(parts)
+        return f
 
     def __call__(self, fake: torch.Tensor) -> dict:
-        f = self.features(fake)
+        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
+        f = self.features(fake) if self.main or self.net is not None else None
+        if not self.main:
+            return {}
         fd = fid.frechet_distance(*fid.feature_stats(f), *self.real_stats)
         precision, recall = fid.precision_recall(self.real_feats[:self.n_eval], f, k=3, device=self.device)
         return {"fid" if self.kind == "inception" else "fd": fd, "precision": precision, "recall": recall,
@@ -480,6 +501,10 @@ def run(args) -> None:
     if is_image and real.shape[-2] != real.shape[-1]:
         raise UserError(f"images are {real.shape[-2]}x{real.shape[-1]}; the models need square images")
     overrides = parse_overrides(args.overrides, module.Config)
+    if args.compile:
+        if "compile" not in {f.name for f in dataclasses.fields(module.Config)}:
+            raise UserError(f"--compile: model {args.model} has no network to compile")
+        overrides["compile"] = True
     if set(overrides) & set(shape):
         raise UserError(f"--set {', '.join(set(overrides) & set(shape))}: set from the data, not from the command line")
     try:
@@ -522,17 +547,16 @@ def run(args) -> None:
               + (f" x {world} processes" if world > 1 else "") + f" -> {out}")
     barrier()  # the run folder is ready before any rank looks into it
     evaluate = Evaluator(real.cpu() if is_image else real, args.metrics, args.inception, n_eval, device, progress,
-                         cache=os.path.join(out, "real-features.npz")) if main_rank else None
+                         cache=os.path.join(out, "real-features.npz"))
 
     def record(it, lam, seconds, samples, extra) -> dict:
         r = {"iter": it, "lam": lam_label(lam), "n_real": 0 if math.isinf(lam) and it > 0 else n,
              "n_synth": 0 if it == 0 else n_synth[lam], "seconds": round(seconds, 2), **extra}
-        if main_rank:
-            r.update(evaluate(samples[:n_eval]))
-            if truth is not None:
-                import gaussian
+        r.update(evaluate(samples[:n_eval]))
+        if truth is not None:
+            import gaussian
 
-                r.update(gaussian.errors(model, *truth))
+            r.update(gaussian.errors(model, *truth))
         return r
 
     # iteration 0: computed once, shared by every lambda

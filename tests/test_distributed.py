@@ -15,6 +15,8 @@ import torch
 
 import retrain
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "64", "--metrics", "pixel",
         "--device", "cpu", "--no-progress", "--set", "batch=16", "--set", "sample_batch=16",
@@ -64,3 +66,31 @@ def test_resume_under_torchrun(tmp_path, init_ckpt):
     b = retrain.load_checkpoint(str(tmp_path / "parts" / "ckpt.pt"))
     assert torch.equal(a["samples"], b["samples"])
     assert all(torch.equal(a["state"]["net"][k], b["state"]["net"][k]) for k in a["state"]["net"])
+
+
+def test_one_ddp_step_equals_one_step_on_the_global_batch(tmp_path, monkeypatch):
+    """2 ranks x 4 images == 1 process x 8 images, when each image gets the same timestep and noise."""
+    import ddp_step
+
+    out = tmp_path / "ddp.pt"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "tests" / "ddp_step.py"), str(out)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = torch.load(out, weights_only=True)
+
+    model, x = ddp_step.setup()
+    before = {k: v.clone() for k, v in model.state_dict()["net"].items()}
+    draws = []  # what each rank drew: its timesteps, then its noise
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        t = torch.randint(0, model.cfg.timesteps, (4,))
+        draws.append((t, torch.randn(4, 1, 8, 8)))
+    t_all, noise_all = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: t_all)
+    monkeypatch.setattr(torch, "randn_like", lambda *a, **k: noise_all)
+    model.train_step(x)
+    single = model.state_dict()["net"]
+    assert max((single[k] - before[k]).abs().max().item() for k in single) > 1e-4  # the step moved the weights
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-5, atol=1e-6)
