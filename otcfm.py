@@ -1,0 +1,522 @@
+"""otcfm.py -- OT conditional flow matching (OT-CFM), exact to torchcfm's released CIFAR-10 checkpoint.
+
+Paper: A. Tong, N. Malkin, G. Huguet, Y. Zhang, J. Rector-Brooks, K. Fatras, G. Wolf, Y. Bengio,
+"Improving and generalizing flow-based generative models with minibatch optimal transport" (TMLR 2024,
+arXiv 2302.00482). It is the flow-matching model of Bertrand et al. (ICLR 2024), who retrained the
+released 400k-step CIFAR-10 checkpoint of the torchcfm library and sampled it with dopri5.
+
+The idea in three lines:
+  - draw a batch of noise x0 ~ N(0, I) and a batch of data x1, and pair them by the exact optimal transport
+    plan of the batch under squared Euclidean cost (minibatch OT: Tong et al.'s OT-CFM);
+  - along the straight path x_t = t x1 + (1 - t) x0 the velocity is u_t = x1 - x0; regress a network
+    v(t, x) on it with the mean squared error (the conditional flow matching objective);
+  - sample by integrating dx/dt = v(t, x) from noise at t = 0 to data at t = 1.
+
+This file holds:
+  - Config / PRESETS / make_config: "paper" (torchcfm's train_cifar10.py) and "small" (8x8 digits on a CPU);
+  - UNet: torchcfm's U-Net (a port of guided-diffusion's), with its module names, so torchcfm's state dicts
+    load strictly; called as net(t, x) with t in [0, 1];
+  - ot_pairing and conditional_path: minibatch OT as an assignment problem, and the straight path;
+  - the samplers euler, midpoint, heun (fixed step) and dopri5 (adaptive, torchdiffeq);
+  - load_official: torchcfm's checkpoint file -> UNet; Model: training, EMA, sampling, checkpoints.
+
+Run:
+    python retrain.py --model otcfm --preset small --lam 1 --iters 20                 # digits, CPU
+    python retrain.py --model otcfm --preset paper --data cifar10 --init official ... # CIFAR-10, GPU
+    python -m pytest tests/test_otcfm.py
+"""
+
+import copy
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchdiffeq
+from scipy.optimize import linear_sum_assignment
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    # data (retrain.py sets the shape from the dataset)
+    img_channels: int = 3             # image channels (CIFAR-10: 3; digits: 1)
+    img_resolution: int = 32          # pixels per side (CIFAR-10: 32; digits: 8)
+    xflip: bool = False               # random horizontal flips by retrain.py (Bertrand et al. fine-tune without;
+                                      # torchcfm's own pretraining used RandomHorizontalFlip)
+    # network: torchcfm UNetModelWrapper as built by train_cifar10.py
+    channels: int = 128               # base width in channels (num_channels=128)
+    channel_mult: tuple = (1, 2, 2, 2)  # width multiplier per resolution level (32, 16, 8, 4 px)
+    num_res_blocks: int = 2           # residual blocks per level in the encoder (decoder: one more)
+    attn_resolutions: tuple = (16,)   # resolutions in pixels with self-attention (attention_resolutions="16")
+    head_channels: int = 64           # channels per attention head (num_head_channels=64; -1: use num_heads)
+    num_heads: int = 4                # heads per attention block, used only when head_channels == -1
+    dropout: float = 0.1              # dropout probability inside residual blocks (train_cifar10.py --dropout)
+    norm_groups: int = 32             # GroupNorm groups (torchcfm's GroupNorm32: always 32)
+    # flow matching (torchcfm ExactOptimalTransportConditionalFlowMatcher)
+    sigma: float = 0.0                # std of the Gaussian around the straight path (train_cifar10.py: 0.0)
+    ot: bool = True                   # pair noise and data by the exact minibatch OT plan (False: independent, I-CFM)
+    ot_resample: bool = True          # draw the batch's pairs from the plan with replacement, as torchcfm does
+    # optimisation (train_cifar10.py)
+    batch: int = 128                  # images per optimizer step (--batch_size 128)
+    lr: float = 2e-4                  # Adam learning rate, betas (0.9, 0.999), eps 1e-8 (--lr 2e-4)
+    warmup_steps: int = 5000          # linear lr warm-up from 0 in optimizer steps, from scratch only (--warmup 5000)
+    grad_clip: float = 1.0            # max global gradient norm (--grad_clip 1.0)
+    ema_decay: float = 0.9999         # EMA decay per step, from step 0 (--ema_decay 0.9999)
+    pretrain_kimg: float = 51200.128  # from-scratch budget in thousands of images: 400,001 steps x 128
+    kimg: float = 50.0                # fine-tuning budget per retraining iteration (Bertrand et al.: 50 kimg)
+    # sampling (compute_fid.py; Bertrand et al. sample the EMA with dopri5, rtol = atol = 1e-5)
+    sampler: str = "dopri5"           # "dopri5" (adaptive) | "euler" | "midpoint" | "heun" (fixed step)
+    steps: int = 100                  # steps of the fixed-step samplers (compute_fid.py --integration_steps 100)
+    rtol: float = 1e-5                # dopri5 relative tolerance (compute_fid.py --tol 1e-5)
+    atol: float = 1e-5                # dopri5 absolute tolerance (compute_fid.py --tol 1e-5)
+    sample_batch: int = 512           # images per generate() call (Bertrand et al.'s sampling batch)
+    sample_ema: bool = True           # sample from the EMA weights (compute_fid.py loads ema_model)
+    amp: str = "auto"                 # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    compile: bool = False             # torch.compile the network (falls back to eager on failure)
+
+
+PRESETS = {
+    "paper": {},  # the defaults above: torchcfm's CIFAR-10 U-Net (35,746,307 parameters) as Bertrand et al. train it
+    # 8x8 digits on a 2-core CPU in float32 (1,797 images). One trial on a shared 2-core machine (single runs,
+    # noisy): 0.12 s per step of 128 at 1 thread; pixel FD against all 1,797 digits (EMA, midpoint-5) after
+    # 3k / 4k / 5k / 6k / 7k / 8k steps: 0.143 / 0.107 / 0.098 / 0.096 / 0.095 / 0.091, so 6k steps is near the
+    # plateau. After 8k steps: midpoint-10 (NFE 20) FD 0.088, dopri5 (NFE 110) 0.088, Euler-10 0.132, Heun-5 0.258.
+    "small": dict(
+        img_channels=1, img_resolution=8,  # xflip stays False: digits are not mirror-symmetric
+        channels=16,             # 16 channels at 8x8, 32 at 4x4: 176,849 parameters, 8.2 MFLOP per image forward
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),   # attention at 4x4 (16 tokens) and in the middle block, 2 heads of 16 channels
+        head_channels=16,
+        norm_groups=8,           # 2-4 channels per group; with one channel per group the norm would remove the
+                                 # per-channel time shift of every residual block, leaving the output blind to t
+        dropout=0.0,             # a few thousand steps on 1,797 images: no dropout needed
+        lr=2e-3,                 # small network: a large step (the digits trial of a 274k U-Net used 2e-3)
+        warmup_steps=100,        # short warm-up from scratch; fine-tuning continues the step counter
+        ema_decay=0.999,         # half-life ~700 steps: shorter than pretraining, ~2 retraining iterations
+        pretrain_kimg=768.0,     # 6,000 steps x 128
+        kimg=38.4,               # 300 steps x 128 per retraining iteration
+        sampler="midpoint",      # as good as dopri5 here (see above) at a fifth of the NFE
+        steps=10,                # NFE 20
+        sample_batch=2048,       # the whole digits set in one call
+    ),
+}
+
+
+def make_config(preset: str, **overrides) -> Config:
+    """The Config of a preset, with field overrides; an unknown preset or field raises ValueError."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}' (have: {', '.join(PRESETS)})")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {**PRESETS[preset], **overrides}
+    for key in values:
+        if key not in fields:
+            raise ValueError(f"unknown Config field '{key}' for otcfm (have: {', '.join(sorted(fields))})")
+    for key in ("channel_mult", "attn_resolutions"):  # lists from JSON / command lines -> tuples
+        if key in values:
+            values[key] = tuple(values[key])
+    cfg = Config(**values)
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{cfg.sampler}' (have: {', '.join(SAMPLERS)})")
+    if cfg.amp not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"amp must be auto, bf16 or fp32, not '{cfg.amp}'")
+    return cfg
+
+
+# The released OT-CFM checkpoint (torchcfm examples/images/cifar10/README.md, release tag 1.0.4; MIT licence).
+OFFICIAL_URLS = {
+    "cifar10": "https://github.com/atong01/conditional-flow-matching/releases/download/1.0.4/"
+               "otcfm_cifar10_weights_step_400000.pt",
+}
+
+# ----------------------------------------------------------------------------------------------------
+# The network: torchcfm's U-Net. Module names follow torchcfm (time_embed, input_blocks, middle_block,
+# output_blocks, out; in_layers / emb_layers / out_layers / skip_connection; norm / qkv / proj_out; op; conv)
+# so that its state dicts load strictly. Registration order follows it too, so the same torch seed gives
+# the same initial weights.
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] as is (no x1000): [cos(t f_i), sin(t f_i)], f_i = P^(-i/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # (B, dim)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm (torchcfm: 32 groups), eps 1e-5, computed in float32 (also under autocast)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
+def zero_module(m: nn.Module) -> nn.Module:
+    """Zero all parameters of m (output layers start as the zero map)."""
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+class ResBlock(nn.Module):
+    """h = conv(silu(norm(x))) + Linear(silu(emb)); out = skip(x) + conv(dropout(silu(norm(h))))."""
+
+    def __init__(self, cin: int, cout: int, emb_ch: int, dropout: float, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, cout))
+        self.out_layers = nn.Sequential(GroupNorm32(groups, cout), nn.SiLU(), nn.Dropout(dropout),
+                                        zero_module(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.skip_connection = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)  # (B, cout, H, W)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # per-channel shift by the time embedding
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over pixels, torchcfm's legacy layout: per head [q(ch), k(ch), v(ch)]."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = GroupNorm32(groups, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        x = x.reshape(B, C, H * W)  # (B, C, T)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, T)
+        ch = C // self.heads
+        q, k, v = qkv.reshape(B * self.heads, 3 * ch, H * W).split(ch, dim=1)  # each (B*heads, ch, T)
+        scale = ch ** -0.25  # 1/sqrt(ch) split between q and k
+        w = torch.bmm((q * scale).transpose(1, 2), k * scale)  # (B*heads, T, T): w[t, s] = q_t . k_s
+        w = torch.softmax(w.float(), dim=-1).to(w.dtype)  # softmax over s, in float32
+        a = torch.bmm(v, w.transpose(1, 2)).reshape(B, C, H * W)  # (B, C, T): a_t = sum_s w[t, s] v_s
+        return (x + self.proj_out(a)).reshape(B, C, H, W)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepSequential(nn.Sequential):
+    """Sequential that hands the time embedding to the residual blocks."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """torchcfm's UNetModelWrapper (unconditional), called as net(t, x): t (B,) or 0-dim in [0, 1]."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        C, mult, res, G = cfg.channels, cfg.channel_mult, cfg.img_resolution, cfg.norm_groups
+        emb_ch = 4 * C
+        heads = lambda ch: ch // cfg.head_channels if cfg.head_channels > 0 else cfg.num_heads  # noqa: E731
+        self.channels = C
+        self.time_embed = nn.Sequential(nn.Linear(C, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+
+        ch = mult[0] * C
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.img_channels, ch, 3, padding=1))])
+        skip_chs = [ch]  # channels of every encoder output, consumed by the decoder in reverse
+        for level, m in enumerate(mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, m * C, emb_ch, cfg.dropout, G)]
+                ch = m * C
+                if res in cfg.attn_resolutions:
+                    layers.append(AttentionBlock(ch, heads(ch), G))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_chs.append(ch)
+            if level != len(mult) - 1:
+                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                skip_chs.append(ch)
+                res //= 2
+        self.middle_block = TimestepSequential(ResBlock(ch, ch, emb_ch, cfg.dropout, G),
+                                               AttentionBlock(ch, heads(ch), G),
+                                               ResBlock(ch, ch, emb_ch, cfg.dropout, G))
+        self.output_blocks = nn.ModuleList()
+        for level, m in reversed(list(enumerate(mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chs.pop(), m * C, emb_ch, cfg.dropout, G)]
+                ch = m * C
+                if res in cfg.attn_resolutions:
+                    layers.append(AttentionBlock(ch, heads(ch), G))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    res *= 2
+                self.output_blocks.append(TimestepSequential(*layers))
+        self.out = nn.Sequential(GroupNorm32(G, ch), nn.SiLU(),
+                                 zero_module(nn.Conv2d(ch, cfg.img_channels, 3, padding=1)))
+
+    def forward(self, t, x):
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.repeat(x.shape[0])  # one time for the whole batch
+        emb = self.time_embed(timestep_embedding(t, self.channels))  # (B, 4C)
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h).to(x.dtype)  # (B, C_img, H, W): the velocity
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flow matching: minibatch OT pairing, the straight path, its velocity
+
+
+def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """perm minimising sum_i |x0[i] - x1[perm[i]]|^2: the exact OT plan of two equal uniform batches.
+
+    With weights 1/B on both sides the transport polytope is the Birkhoff polytope, whose vertices are the
+    permutation matrices / B, so the linear program has a permutation among its optimal solutions: it is an
+    assignment problem, solved exactly by scipy's linear_sum_assignment. torchcfm solves the same LP with
+    POT's network simplex (ot.emd), whose vertex solution is again pi = P / B (under ties, another optimal
+    permutation), then draws B pairs (i, j) from pi with replacement. Each draw is thus one of the B matched
+    pairs, uniformly: its batch is a bootstrap resample of this pairing, with some pairs twice and on average
+    (1 - 1/B)^B ~ 37% of them left out. Config.ot_resample = True does the same; False uses every matched
+    pair once (the same expected loss, with less variance)."""
+    cost = torch.cdist(x0.flatten(1).double(), x1.flatten(1).double()).square()  # (B, B) squared distances
+    _, perm = linear_sum_assignment(cost.cpu().numpy())
+    return torch.from_numpy(perm).to(x1.device)
+
+
+def conditional_path(x0, x1, t, sigma: float = 0.0, eps=None):
+    """x_t = t x1 + (1 - t) x0 + sigma eps and its velocity u_t = x1 - x0 (Tong et al., I-CFM / OT-CFM path)."""
+    tb = t.reshape(-1, *[1] * (x1.dim() - 1))  # (B, 1, 1, 1)
+    xt = tb * x1 + (1 - tb) * x0
+    if sigma > 0:
+        xt = xt + sigma * eps
+    return xt, x1 - x0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samplers: integrate dx/dt = f(t, x) from t = 0 (noise) to t = 1 (data). Each returns (x at t = 1, NFE).
+# The fixed-step ones use the grid linspace(0, 1, steps + 1), as torchdiffeq / torchdyn do.
+
+
+def euler(f, x, cfg):
+    """Euler's method, cfg.steps steps (NFE = steps)."""
+    ts = torch.linspace(0, 1, cfg.steps + 1, dtype=x.dtype, device=x.device)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * f(t, x)
+    return x, cfg.steps
+
+
+def midpoint(f, x, cfg):
+    """Explicit midpoint rule (2nd-order Runge-Kutta), cfg.steps steps (NFE = 2 steps)."""
+    ts = torch.linspace(0, 1, cfg.steps + 1, dtype=x.dtype, device=x.device)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        h = t_next - t
+        x = x + h * f(t + h / 2, x + h / 2 * f(t, x))
+    return x, 2 * cfg.steps
+
+
+def heun(f, x, cfg):
+    """Heun's method (explicit trapezoid, 2nd-order Runge-Kutta), cfg.steps steps (NFE = 2 steps)."""
+    ts = torch.linspace(0, 1, cfg.steps + 1, dtype=x.dtype, device=x.device)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        h = t_next - t
+        d = f(t, x)
+        x = x + h / 2 * (d + f(t_next, x + h * d))
+    return x, 2 * cfg.steps
+
+
+def dopri5(f, x, cfg):
+    """Dormand-Prince 5(4) with adaptive steps (torchdiffeq), tolerances cfg.rtol / cfg.atol (NFE varies)."""
+    nfe = 0
+
+    def counted(t, y):
+        nonlocal nfe
+        nfe += 1
+        return f(t, y)
+
+    ts = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    x = torchdiffeq.odeint(counted, x, ts, rtol=cfg.rtol, atol=cfg.atol, method="dopri5")[-1]
+    return x, nfe
+
+
+SAMPLERS = {"dopri5": dopri5, "euler": euler, "midpoint": midpoint, "heun": heun}
+
+# ----------------------------------------------------------------------------------------------------
+# torchcfm's checkpoint: torch.save({"net_model", "ema_model", "sched", "optim", "step"}) by train_cifar10.py
+
+
+def read_official(path) -> dict:
+    """torchcfm's checkpoint file as a dict, with any DataParallel "module." prefix removed from the weights."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not ({"net_model", "ema_model"} & ckpt.keys()):
+        raise ValueError("not a torchcfm checkpoint (no 'net_model' / 'ema_model' entry)")
+    for key in ("net_model", "ema_model"):
+        if key in ckpt:
+            ckpt[key] = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
+    return ckpt
+
+
+def load_official(path, cfg: Config | None = None, ema: bool = True) -> UNet:
+    """The network of a torchcfm checkpoint (EMA weights by default), in eval mode, called as net(t, x).
+
+    cfg defaults to the paper preset (torchcfm's CIFAR-10 U-Net); the weights load strictly."""
+    ckpt = read_official(path)
+    net = UNet(cfg or make_config("paper"))
+    net.load_state_dict(ckpt["ema_model" if ema and "ema_model" in ckpt else "net_model"])
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model that retrain.py drives
+
+
+def _compiled(module: nn.Module, enabled: bool):
+    """torch.compile(module) when enabled, falling back to the eager module if compiling fails."""
+    if not enabled:
+        return module
+    compiled = torch.compile(module)
+
+    def run(*args):
+        nonlocal compiled
+        if compiled is not module:
+            try:
+                return compiled(*args)
+            except Exception as e:  # no compiler toolchain, unsupported op, ...
+                warnings.warn(f"torch.compile failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "running eagerly")
+                compiled = module
+        return module(*args)
+
+    return run
+
+
+class Model:
+    """OT-CFM: the U-Net, its EMA copy, Adam, and the step counter that drives the warm-up."""
+
+    def __init__(self, cfg: Config, device):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.net = UNet(cfg).to(self.device)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.step, self.nfe = 0, 0
+        self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        train_net = self.net
+        if torch.distributed.is_initialized():  # each rank pairs and trains on its own cfg.batch // world images
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self.train_fn = _compiled(train_net, cfg.compile)
+        self.sample_fns = {False: _compiled(self.net, cfg.compile), True: _compiled(self.ema, cfg.compile)}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def loss(self, x1: torch.Tensor) -> torch.Tensor:
+        """The OT-CFM loss of a data batch x1 (B, C, H, W) in [-1, 1]: mean (v(t, x_t) - u_t)^2 over all elements
+        (Tong et al.'s conditional flow matching objective, with (x0, x1) drawn from the minibatch OT plan)."""
+        cfg = self.cfg
+        x0 = torch.randn_like(x1)  # (B, C, H, W) noise
+        if cfg.ot:
+            x1 = x1[ot_pairing(x0, x1)]  # x0[i] is paired with x1[i]
+            if cfg.ot_resample:  # B draws with replacement from the plan, as torchcfm (see ot_pairing)
+                idx = torch.randint(len(x0), (len(x0),), device=x0.device)
+                x0, x1 = x0[idx], x1[idx]
+        t = torch.rand(len(x1), device=x1.device)  # (B,) uniform on [0, 1]
+        eps = torch.randn_like(x1) if cfg.sigma > 0 else None
+        xt, ut = conditional_path(x0, x1, t, cfg.sigma, eps)
+        with self._autocast():
+            v = self.train_fn(t, xt)
+        return (v.float() - ut).square().mean()
+
+    def train_step(self, x: torch.Tensor) -> float:
+        cfg = self.cfg
+        self.net.train()
+        loss = self.loss(x)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        # warm-up: update k (counted from 0) uses lr * min(k, W) / W, so the very first update uses lr 0
+        warm = min(self.step, cfg.warmup_steps) / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * warm
+        self.opt.step()
+        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * net, every step
+            ema, net = list(self.ema.state_dict().values()), list(self.net.state_dict().values())
+            torch._foreach_lerp_(ema, net, 1 - cfg.ema_decay)
+        self.step += 1
+        return loss.item()
+
+    def generate(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1]; image i starts from noise seeded by seeds[i] alone.
+
+        With the fixed-step samplers image i depends only on seeds[i]. dopri5 chooses one step-size sequence
+        for the whole call (its error norm runs over the batch, as in torchcfm's and the paper's sampling), so
+        there an image also depends on the others in its call, at the level of the tolerances rtol / atol."""
+        cfg = self.cfg
+        net = self.ema if cfg.sample_ema else self.net
+        net.eval()
+        fn = self.sample_fns[cfg.sample_ema]
+        shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+        with torch.inference_mode():
+            x0 = torch.stack([torch.randn(shape, generator=torch.Generator(self.device).manual_seed(int(s)),
+                                          device=self.device) for s in seeds])  # (N, C, H, W) float32
+
+            def f(t, x):
+                with self._autocast():
+                    return fn(t, x).float()  # the ODE state stays float32
+
+            x, self.nfe = SAMPLERS[cfg.sampler](f, x0, cfg)
+        return x.clamp(-1, 1)
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "step": self.step}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.net.load_state_dict(d["net"])
+        self.ema.load_state_dict(d["ema"])
+        self.opt.load_state_dict(d["opt"])
+        self.step = int(d["step"])
+
+    def load_pretrained(self, path: str) -> None:
+        """torchcfm's checkpoint: net_model -> net, ema_model -> EMA (either one for both if only one is there),
+        Adam's state when it fits (as Bertrand et al. resume it), and a step counter past the warm-up."""
+        ckpt = read_official(path)
+        net_sd = ckpt.get("net_model", ckpt.get("ema_model"))
+        self.net.load_state_dict(net_sd)
+        self.ema.load_state_dict(ckpt.get("ema_model", net_sd))
+        if "optim" in ckpt:
+            try:
+                self.opt.load_state_dict(ckpt["optim"])
+            except (ValueError, KeyError) as e:
+                warnings.warn(f"optimizer state of '{path}' does not fit ({e}); starting Adam afresh")
+        self.step = max(int(ckpt.get("step", 0)) + 1, self.cfg.warmup_steps)  # file's step = last update index

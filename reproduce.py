@@ -1,0 +1,163 @@
+"""reproduce.py -- regenerate every CPU figure of README's results section with one command.
+
+Each stage runs retrain.py commands (listed in STAGES, all visible here) into runs/reproduce/, then
+draws its figures into results/ and records the wall time it took in results/times.json.
+
+    python reproduce.py theory        # the Gaussian warm-up: contraction rate and collapse (about a minute)
+    python reproduce.py digits        # ddpm, edm, otcfm on the 8x8 digits, lam in {0, 0.5, 1, inf}, 20 iterations
+    python reproduce.py all --dry-run # print the commands and check that they parse, run nothing
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import retrain
+
+RUNS, RESULTS = os.path.join("runs", "reproduce"), "results"
+PY = "python retrain.py --no-progress --force"
+THEORY_LAMS = (0.25, 0.5, 1, 2)
+COLLAPSE_N = (10, 20, 50, 100)
+DIGITS_MODELS = ("ddpm", "edm", "otcfm")
+
+STAGES = {
+    "theory": [
+        f"{PY} --model gaussian --data gaussian --n-real 100000 --lam {' '.join(map(str, THEORY_LAMS))} --iters 8 "
+        f"--n-eval 1000 --set init_mean_shift=3 --out {RUNS}/gauss-contraction",
+        *(f"{PY} --model gaussian --data gaussian --n-real {n} --lam inf 1 --iters 300 --out {RUNS}/gauss-collapse-n{n}"
+          for n in COLLAPSE_N),
+    ],
+    "digits": [f"{PY} --model {m} --preset small --data digits --lam 0 0.5 1 inf --iters 20 --out {RUNS}/digits-{m}"
+               for m in DIGITS_MODELS],
+}
+
+
+def history(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def theory_figures() -> list[str]:
+    """Mean error against iteration with the predicted slope; log det Sigma_t against iteration."""
+    import gaussian
+    import torch
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for lam in THEORY_LAMS:
+        h = history(os.path.join(RUNS, "gauss-contraction", f"lam_{lam:g}"))
+        it = [r["iter"] for r in h]
+        line, = ax.semilogy(it, [r["mean_err"] for r in h], "o-", ms=3, label=f"λ = {lam:g}")
+        rho = lam / (1 + lam)
+        ax.semilogy(it, [h[0]["mean_err"] * rho ** t for t in it], "--", color=line.get_color(), lw=1)
+    ax.set(xlabel="iteration t", ylabel="‖μ_t − μ*‖", title="Gaussian, n = 100,000: dashed = (λ/(1+λ))^t")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    contraction = os.path.join(RESULTS, "gaussian_contraction.png")
+    fig.savefig(contraction, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for n in COLLAPSE_N:
+        h = history(os.path.join(RUNS, f"gauss-collapse-n{n}", "lam_inf"))
+        ax.plot([r["iter"] for r in h], [r["logdet"] for r in h], lw=1, label=f"fully synthetic, n = {n}")
+    h = history(os.path.join(RUNS, "gauss-collapse-n20", "lam_1"))
+    ax.plot([r["iter"] for r in h], [r["logdet"] for r in h], "k", lw=1.5, label="λ = 1, n = 20")
+    ax.axhline(torch.linalg.slogdet(gaussian.truth(2)[1])[1].item(), color="gray", ls=":", label="log det Σ*")
+    ax.set(xlabel="iteration t", ylabel="log det Σ_t", title="2-d Gaussian refitted on its own samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    collapse = os.path.join(RESULTS, "gaussian_collapse.png")
+    fig.savefig(collapse, dpi=110)
+    plt.close(fig)
+    return [contraction, collapse]
+
+
+def digits_figures() -> list[str]:
+    """Per model: FD, precision, recall against iteration (one line per lambda), and sample grids."""
+    from PIL import Image
+
+    plt = _plt()
+    made = []
+    for m in DIGITS_MODELS:
+        run = os.path.join(RUNS, f"digits-{m}")
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        for lam in ("0", "0.5", "1", "inf"):
+            h = history(os.path.join(run, f"lam_{lam}"))
+            for ax, key in zip(axes, ("fd", "precision", "recall")):
+                ax.plot([r["iter"] for r in h], [r[key] for r in h], "o-", ms=3, label=f"λ = {lam}")
+        for ax, key in zip(axes, ("Fréchet distance (pixels)", "precision", "recall")):
+            ax.set(xlabel="iteration", title=f"{m}: {key}")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        made.append(os.path.join(RESULTS, f"digits_{m}_metrics.png"))
+        fig.savefig(made[-1], dpi=100)
+        plt.close(fig)
+        # grids of iterations 0, 10, 20: lam = 0 on the left, fully synthetic on the right
+        rows = [[Image.open(os.path.join(run, f"lam_{lam}", "samples", f"iter{it:03d}.png")) for lam in ("0", "inf")]
+                for it in (0, 10, 20)]
+        w, h = rows[0][0].size
+        sheet = Image.new(rows[0][0].mode, (2 * w + 8, 3 * h + 16), 255)
+        for i, row in enumerate(rows):
+            for j, img in enumerate(row):
+                sheet.paste(img, (j * (w + 8), i * (h + 8)))
+        made.append(os.path.join(RESULTS, f"digits_{m}_samples.png"))
+        sheet.save(made[-1])
+    return made
+
+
+FIGURES = {"theory": theory_figures, "digits": digits_figures}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=[*STAGES, "all"])
+    p.add_argument("--dry-run", action="store_true", help="print the commands and check that they parse")
+    args = p.parse_args(argv)
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    for stage in stages:
+        for cmd in STAGES[stage]:
+            words = shlex.split(cmd)
+            retrain.build_parser().parse_args(words[2:])  # raises on a command that does not parse
+            print(cmd)
+    if args.dry_run:
+        return 0
+    os.makedirs(RESULTS, exist_ok=True)
+    times_path = os.path.join(RESULTS, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    for stage in stages:
+        t0 = time.time()
+        for cmd in STAGES[stage]:
+            code = retrain.main(shlex.split(cmd)[2:])
+            if code:
+                return code
+        figures = FIGURES[stage]()
+        times[stage] = {"seconds": round(time.time() - t0, 1), "figures": figures,
+                        "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
+        print(f"{stage}: {times[stage]['seconds'] / 60:.1f} min -> {', '.join(figures)}")
+        with open(times_path, "w") as f:
+            json.dump(times, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
