@@ -1,0 +1,546 @@
+"""ddpm.py -- DDPM (Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020) in one file.
+
+The DDPM of the retraining paper (Bertrand et al., ICLR 2024) is tqch/ddpm-torch's CIFAR-10 model,
+sampled with 100-step DDIM (Song, Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021).
+This file holds, top to bottom:
+
+    Config, PRESETS      hyperparameters; "paper" = tqch's CIFAR-10 config, "small" = 8x8 digits on a CPU
+    UNet                 Ho et al.'s U-Net with tqch/ddpm-torch's module names, so its checkpoints load strictly
+    diffusion            linear beta schedule, q(x_t | x_0), the L_simple loss
+    samplers             ancestral DDPM (fixed-large variance) and DDIM (eta = 0) on a float64 time grid
+    Model                the interface retrain.py uses: train_step, generate, state dicts, load_pretrained
+    load_official        a released tqch/ddpm-torch checkpoint file -> UNet
+
+Run:
+    python retrain.py --model ddpm --preset small --lam 1 --iters 20            # 8x8 digits, CPU
+    python retrain.py --model ddpm --preset paper --data cifar10 --init official --lam 1 --iters 5
+    python ddpm.py --preset paper                                                # network summary
+    python -m pytest tests/test_ddpm.py
+"""
+
+import argparse
+import copy
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Sources quoted below: [Ho] Ho et al. 2020; [DDIM] Song et al. 2021; [tqch] tqch/ddpm-torch
+# configs/cifar10.json, train.py, generate.py, ddim.py; [QB3] the retraining paper's code;
+# [digits] a CPU sizing trial on the 8x8 digits. The facts are collected in the project's reference notes.
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    # data (retrain.py sets these from the data set)
+    img_channels: int = 3  # image channels (CIFAR-10: 3)
+    img_resolution: int = 32  # image height = width in pixels (CIFAR-10: 32)
+    # network: the keyword arguments of tqch's UNet
+    hid_channels: int = 128  # channels at level 0 [Ho, tqch]
+    ch_multipliers: tuple = (1, 2, 2, 2)  # channels of level i = hid_channels * ch_multipliers[i] [Ho, tqch]
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up) [Ho, tqch]
+    apply_attn: tuple = (False, True, False, False)  # self-attention after each block of level i (16x16) [Ho, tqch]
+    drop_rate: float = 0.1  # dropout probability inside residual blocks [Ho, tqch]
+    # diffusion
+    timesteps: int = 1000  # T, number of noise levels [Ho Sec. 4]
+    beta_1: float = 1e-4  # first beta of the linear schedule [Ho Sec. 4]
+    beta_T: float = 0.02  # last beta of the linear schedule [Ho Sec. 4]
+    # training
+    batch: int = 128  # images per optimizer step [Ho, tqch]
+    lr: float = 2e-4  # Adam learning rate (betas 0.9/0.999, eps 1e-8) [Ho, tqch]
+    warmup: int = 5000  # optimizer steps of linear lr warm-up, lr * min((step + 1) / warmup, 1) [tqch]
+    grad_clip: float = 1.0  # max global gradient norm [Ho, tqch]
+    ema_decay: float = 0.9999  # EMA decay per step, ramped as min(decay, (1 + n) / (10 + n)) [tqch]
+    xflip: bool = True  # random horizontal flips of training images [Ho, tqch]
+    pretrain_kimg: float = 49920.0  # thousand images to train from scratch: 1000 epochs x 390 steps x 128,
+    #                                 the epoch-1000 checkpoint the paper started from [QB3]
+    kimg: float = 50.0  # thousand images of fine-tuning per retraining iteration (the project's paper presets)
+    # sampling
+    sampler: str = "ddim"  # "ddim" (eta 0) | "ddpm" (ancestral, fixed-large variance) [QB3: DDIM]
+    sample_steps: int = 100  # network evaluations per image [QB3]; ddpm, 1000, uniform = Ho et al.'s sampler
+    skip_schedule: str = "quadratic"  # time grid: "quadratic" (ends at t = 0.8 T) | "uniform" [QB3, DDIM]
+    sample_batch: int = 512  # images per generate() call; memory only, images depend on their seed alone
+    sample_ema: bool = True  # sample the EMA weights; the paper's DDPM runs sampled the raw ones (no --use-ema) [QB3]
+    # engineering
+    amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    compile: bool = False  # torch.compile the network (falls back to eager on failure)
+
+
+PRESETS = {
+    "paper": {},  # the defaults above: tqch's configs/cifar10.json, 35,746,307 parameters
+    "small": dict(  # 8x8 digits on a 2-core CPU, float32
+        img_channels=1,
+        img_resolution=8,
+        hid_channels=32,  # GroupNorm's 32 groups need multiples of 32; 32/64 channels as in [digits]
+        ch_multipliers=(1, 2),  # two levels: 8x8 and 4x4
+        num_res_blocks=1,  # 651,041 parameters; ~0.05 s per step of 128 on 2 CPU cores
+        apply_attn=(False, False),  # attention only in the 4x4 middle block
+        drop_rate=0.1,
+        xflip=False,  # a mirrored digit is not a digit
+        lr=2e-3,  # [digits]: Adam 2e-3 trained this size well
+        warmup=100,  # short warm-up; the run is only thousands of steps
+        ema_decay=0.999,  # [digits]; half-life ~690 steps
+        pretrain_kimg=768.0,  # 6,000 steps of 128: [digits] found 3,000 steps not quite converged
+        kimg=38.4,  # 300 steps of 128 per retraining iteration, as in [digits]
+        sample_steps=50,  # DDIM-50 [digits]
+        sample_batch=2048,  # all 1,797 digits in one call
+    ),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> Config:
+    """The preset's Config with field overrides; unknown presets or fields raise ValueError."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}'; choose from {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    for key in overrides:
+        if key not in names:
+            raise ValueError(f"unknown Config field '{key}' for ddpm")
+    cfg = Config(**{**PRESETS[preset], **overrides})
+    cfg.ch_multipliers, cfg.apply_attn = tuple(cfg.ch_multipliers), tuple(bool(a) for a in cfg.apply_attn)
+    if len(cfg.apply_attn) != len(cfg.ch_multipliers):
+        raise ValueError(f"apply_attn has {len(cfg.apply_attn)} entries for {len(cfg.ch_multipliers)} levels")
+    if any(cfg.hid_channels * m % 32 for m in cfg.ch_multipliers):
+        raise ValueError("hid_channels x ch_multipliers must be multiples of 32 (GroupNorm's 32 groups)")
+    if cfg.img_resolution % 2 ** (len(cfg.ch_multipliers) - 1):
+        raise ValueError(f"img_resolution {cfg.img_resolution} does not halve {len(cfg.ch_multipliers) - 1} times")
+    if cfg.amp not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"amp '{cfg.amp}': choose auto, bf16 or fp32")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler '{cfg.sampler}': choose from {', '.join(SAMPLERS)}")
+    if cfg.skip_schedule not in ("quadratic", "uniform"):
+        raise ValueError(f"skip_schedule '{cfg.skip_schedule}': choose quadratic or uniform")
+    return cfg
+
+
+OFFICIAL_URLS = {  # tqch/ddpm-torch's released checkpoint (2040 epochs = 795.6k steps, FID 3.19 per its README)
+    "cifar10": "https://github.com/tqch/ddpm-torch/releases/download/checkpoints/cifar10_2040.pt",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Network: the U-Net of Ho et al. (their Appendix B), named as in tqch/ddpm-torch
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sinusoids of the integer step t (B,) -> (B, dim): all sines, then all cosines [Ho App. B]."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1)))
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, dim)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with 32 groups and eps 1e-6 (TensorFlow's default), always computed in float32."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels, eps=1e-6)
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(dropout(act(norm(conv(act(norm(x))) + dense(act(emb)))))), 1x1 skip when channels change."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, drop_rate: float):
+        super().__init__()
+        self.norm1 = GroupNorm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.fc = nn.Linear(emb_ch, out_ch)
+        self.norm2 = GroupNorm(out_ch)
+        self.dropout = nn.Dropout(drop_rate)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):  # x (B, C_in, H, W), emb = act(time embedding) (B, E)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        h = h + self.fc(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, residual; q, k, v from one fused 1x1 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = GroupNorm(ch)
+        self.project_in = nn.Conv2d(ch, 3 * ch, 1)  # output channels: q, k, v
+        self.project_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        q, k, v = self.project_in(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, HW)
+        h = attention(q, k, v, fused=x.is_cuda)  # (B, C, HW)
+        return x + self.project_out(h.reshape(B, C, H, W))
+
+
+def attention(q, k, v, fused: bool) -> torch.Tensor:
+    """softmax(q . k / sqrt(C)) over the key positions, applied to v; q, k, v (B, C, HW) -> (B, C, HW).
+    fused: PyTorch's attention kernel (softmax accumulated in float32 inside; used on CUDA), else
+    explicit float32 softmax (the CPU path; both agree with the reference within float32 rounding)."""
+    if fused:
+        return F.scaled_dot_product_attention(q.mT[:, None], k.mT[:, None], v.mT[:, None])[:, 0].mT
+    w = torch.bmm(q.mT, k).float() / math.sqrt(q.shape[1])  # (B, HW query, HW key)
+    w = torch.softmax(w, dim=-1)
+    return torch.bmm(v, w.mT.to(v.dtype))  # sum over keys of v * weight
+
+
+class ResAttn(nn.ModuleList):
+    """A residual block followed by attention (module indices 0 and 1, as in tqch)."""
+
+    def forward(self, x, emb):
+        return self[1](self[0](x, emb))
+
+
+class SamePad(nn.Module):
+    """TensorFlow's "SAME" padding of a 3x3 stride-2 conv on even sizes: 0 top/left, 1 bottom/right."""
+
+    def forward(self, x):
+        return F.pad(x, (0, 1, 0, 1))
+
+
+class UNet(nn.Module):
+    """Ho et al.'s epsilon-prediction U-Net; net(x (B, C, H, W), t (B,) integer steps 0..T-1) -> eps."""
+
+    def __init__(self, in_channels=3, hid_channels=128, out_channels=3, ch_multipliers=(1, 2, 2, 2),
+                 num_res_blocks=2, apply_attn=(False, True, False, False), drop_rate=0.1):
+        super().__init__()
+        self.hid_channels, self.levels, self.num_res_blocks = hid_channels, len(ch_multipliers), num_res_blocks
+        emb_ch = 4 * hid_channels
+
+        def block(cin, cout, attn):
+            res = ResidualBlock(cin, cout, emb_ch, drop_rate)
+            return ResAttn([res, AttentionBlock(cout)]) if attn else res
+
+        self.embed = nn.Sequential(nn.Linear(hid_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.in_conv = nn.Conv2d(in_channels, hid_channels, 3, padding=1)
+        ch, skips = hid_channels, [hid_channels]  # channels of the activations kept for the up path
+        self.downsamples = nn.ModuleDict()
+        for i, mult in enumerate(ch_multipliers):
+            level = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.append(block(ch, hid_channels * mult, apply_attn[i]))
+                ch = hid_channels * mult
+                skips.append(ch)
+            if i < self.levels - 1:  # index 0 of the Sequential is the padding
+                level.append(nn.Sequential(SamePad(), nn.Conv2d(ch, ch, 3, stride=2)))
+                skips.append(ch)
+            self.downsamples[f"level_{i}"] = level
+        self.middle = nn.ModuleList([block(ch, ch, False), AttentionBlock(ch), block(ch, ch, False)])
+        ups = {}
+        for i in reversed(range(self.levels)):
+            level = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.append(block(ch + skips.pop(), hid_channels * ch_multipliers[i], apply_attn[i]))
+                ch = hid_channels * ch_multipliers[i]
+            if i > 0:  # index 0 of the Sequential is the upsampling
+                up = nn.Upsample(scale_factor=2, mode="nearest")
+                level.append(nn.Sequential(up, nn.Conv2d(ch, ch, 3, padding=1)))
+            ups[f"level_{i}"] = level
+        self.upsamples = nn.ModuleDict({f"level_{i}": ups[f"level_{i}"] for i in range(self.levels)})
+        self.out_conv = nn.Sequential(GroupNorm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Xavier-uniform weights, zero biases; layers ending a residual branch near zero (gain 1e-5) [Ho, tqch]."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        branch_ends = [m.conv2 for m in self.modules() if isinstance(m, ResidualBlock)]
+        branch_ends += [m.project_out for m in self.modules() if isinstance(m, AttentionBlock)] + [self.out_conv[2]]
+        for layer in branch_ends:
+            nn.init.xavier_uniform_(layer.weight, gain=1e-5)
+
+    def forward(self, x, t):  # x (B, C, H, W), t (B,) int64
+        emb = F.silu(self.embed(timestep_embedding(t.expand(x.shape[0]), self.hid_channels)))  # (B, 4 hid)
+        hs = [self.in_conv(x)]  # (B, hid, H, W)
+        for i in range(self.levels):
+            level = self.downsamples[f"level_{i}"]
+            for j in range(self.num_res_blocks):
+                hs.append(level[j](hs[-1], emb))
+            if i < self.levels - 1:
+                hs.append(level[-1](hs[-1]))  # (B, C, H/2, W/2)
+        h = self.middle[2](self.middle[1](self.middle[0](hs[-1], emb)), emb)
+        for i in reversed(range(self.levels)):
+            level = self.upsamples[f"level_{i}"]
+            for j in range(self.num_res_blocks + 1):
+                h = level[j](torch.cat([h, hs.pop()], dim=1), emb)
+            if i > 0:
+                h = level[-1](h)  # (B, C, 2H, 2W)
+        return self.out_conv(h)  # (B, C_out, H, W)
+
+
+def build_net(cfg: Config) -> UNet:
+    return UNet(cfg.img_channels, cfg.hid_channels, cfg.img_channels, cfg.ch_multipliers, cfg.num_res_blocks,
+                cfg.apply_attn, cfg.drop_rate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diffusion: schedule, forward process, loss
+
+
+def linear_betas(cfg: Config) -> torch.Tensor:
+    """beta_1..beta_T linearly spaced, float64 (T,) [Ho Sec. 4]; index t = 0..T-1 is step t + 1."""
+    return torch.linspace(cfg.beta_1, cfg.beta_T, cfg.timesteps, dtype=torch.float64)
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, a draw of q(x_t | x_0) [Ho Eq. 4]."""
+    a = alphas_bar.to(x0.device)[t][:, None, None, None]  # (B, 1, 1, 1) float64
+    return a.sqrt().float() * x0 + (1 - a).sqrt().float() * noise
+
+
+def ddpm_loss(net, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_bar: torch.Tensor) -> torch.Tensor:
+    """L_simple = mean ||noise - eps_theta(x_t, t)||^2 over pixels and batch, in float32 [Ho Eq. 14]."""
+    return F.mse_loss(net(q_sample(x0, t, noise, alphas_bar), t).float(), noise)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samplers: sampler(eps_fn, x_T, alphas_bar, timesteps, gens) -> x_0. eps_fn(x, t) is the network in float32,
+# timesteps the increasing int64 grid (one network call each, last first), gens one torch.Generator per image.
+
+
+def time_grid(schedule: str, steps: int, T: int) -> torch.Tensor:
+    """The steps visited, increasing int64 (steps,), computed in float64: the paper's quadratic grid
+    round(linspace(0, sqrt(0.8 T), steps)^2) [tqch ddim.py], or uniform floor(i T / steps) [DDIM Sec. 4.2]."""
+    if schedule == "quadratic":
+        return (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).round().long()
+    return (torch.arange(steps, dtype=torch.float64) * (T / steps)).floor().long()
+
+
+def _x0_hat(x, eps, a: float) -> torch.Tensor:
+    """x_0 predicted from eps, clipped to the data range: (x_t - sqrt(1 - abar) eps) / sqrt(abar) [Ho Eq. 15]."""
+    return (math.sqrt(1 / a) * x - math.sqrt(1 / a - 1) * eps).clamp(-1, 1)
+
+
+def ddpm_sampler(eps_fn, x, alphas_bar, timesteps, gens):
+    """Ancestral DDPM sampling [Ho Alg. 2] with fixed-large variance beta_t, on the grid's abar (respaced)."""
+    a_all = alphas_bar[timesteps].tolist()
+    for i in reversed(range(len(timesteps))):
+        a, a_prev = a_all[i], a_all[i - 1] if i > 0 else 1.0
+        beta = 1 - a / a_prev  # the step's beta (= betas[t] on the full grid)
+        x0 = _x0_hat(x, eps_fn(x, timesteps[i]), a)
+        # posterior mean of q(x_{t-1} | x_t, x_0) [Ho Eq. 7]
+        x = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x
+        if i > 0:  # fixed-large variance sigma_t^2 = beta_t [Ho Sec. 3.2]; no noise at the last step
+            z = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in gens])  # (B, C, H, W)
+            x = x + math.sqrt(beta) * z
+    return x
+
+
+def ddim_sampler(eps_fn, x, alphas_bar, timesteps, gens):
+    """DDIM with eta = 0 [DDIM Eq. 12], x_0 clipped first and eps re-derived from it, as tqch/ddpm-torch does."""
+    a_all = alphas_bar[timesteps].tolist()
+    for i in reversed(range(len(timesteps))):
+        a, a_prev = a_all[i], a_all[i - 1] if i > 0 else 1.0
+        x0 = _x0_hat(x, eps_fn(x, timesteps[i]), a)
+        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        c2 = math.sqrt(1 - a) * math.sqrt(1 - a_prev) / (1 - a)
+        c1 = math.sqrt(a_prev) * (1 - math.sqrt(a / a_prev) * c2)
+        x = c1 * x0 + c2 * x
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_sampler, "ddim": ddim_sampler}
+# ----------------------------------------------------------------------------------------------------
+# Model: the interface retrain.py uses
+
+
+def _compiled(net: nn.Module, enabled: bool):
+    """torch.compile(net) when enabled, falling back to the eager net (with a warning) if compiling fails."""
+    if not enabled:
+        return net
+    state = {"fn": torch.compile(net)}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as e:
+            if state["fn"] is net:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0]}); running eagerly")
+            state["fn"] = net
+            return net(*args)
+
+    return call
+
+
+class Model:
+    """DDPM training and sampling: the network, its EMA, Adam, and the step counter."""
+
+    def __init__(self, cfg: Config, device):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.net = build_net(cfg).to(self.device)
+        if self.device.type == "cuda":  # faster convolutions; values unchanged
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                    fused=self.device.type == "cuda")
+        self.step, self.nfe = 0, 0
+        self.betas = linear_betas(cfg)  # float64 (T,), on the CPU: samplers read python floats from it
+        self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)  # abar_t = prod_{s <= t} (1 - beta_s) [Ho Eq. 4]
+        self._alphas_bar_dev = self.alphas_bar.to(self.device)
+        self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
+        train_net = self.net
+        if torch.distributed.is_initialized():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        self._train_fwd = _compiled(train_net, cfg.compile)
+        self._sample_fwd = {id(n): _compiled(n, cfg.compile) for n in (self.net, self.ema)}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _input(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+    def train_step(self, x: torch.Tensor) -> float:
+        """One Adam step on L_simple for x (B, C, H, W) in [-1, 1], then the EMA update."""
+        cfg = self.cfg
+        self.net.train()
+        t = torch.randint(0, cfg.timesteps, (x.shape[0],), device=self.device)  # uniform over steps [Ho Alg. 1]
+        noise = torch.randn_like(x)
+        with self._autocast():
+            loss = ddpm_loss(self._train_fwd, self._input(x), t, noise, self._alphas_bar_dev)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * min((self.step + 1) / cfg.warmup, 1.0)
+        self.opt.step()
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():  # ema <- decay ema + (1 - decay) net, in float32
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - decay)
+        self.step += 1
+        return loss.item()
+
+    @torch.inference_mode()
+    def generate(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Samples (N, C, H, W) in [-1, 1]; image i depends only on seeds[i] (its own generator)."""
+        cfg = self.cfg
+        net = self.ema if cfg.sample_ema else self.net
+        net.eval()
+        fwd = self._sample_fwd[id(net)]
+        gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds.tolist()]
+        shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+        x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in gens])  # x_T (N, C, H, W)
+        grid = time_grid(cfg.skip_schedule, cfg.sample_steps, cfg.timesteps)
+
+        def eps_fn(x, t):  # network call in bf16 or fp32; the sampler's state stays float32
+            with self._autocast():
+                t = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
+                return fwd(self._input(x), t).float()
+
+        x = SAMPLERS[cfg.sampler](eps_fn, x, self.alphas_bar, grid, gens)
+        self.nfe = len(grid)
+        return x.clamp(-1, 1).contiguous()
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "step": self.step, "config": dataclasses.asdict(self.cfg)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.net.load_state_dict(d["net"])
+        self.ema.load_state_dict(d["ema"])
+        self.opt.load_state_dict(d["opt"])
+        self.step = int(d["step"])
+
+    def load_pretrained(self, path: str) -> None:
+        """A tqch/ddpm-torch checkpoint file, as tqch's --resume reads it: model weights into the net, EMA weights
+        into the EMA (a file with one set fills both), Adam's moments when present, and the step counter
+        past the warm-up."""
+        raw, ema, updates, adam = read_official(path)
+        check_keys(self.net, raw if raw is not None else ema, path)
+        check_keys(self.net, ema if ema is not None else raw, path)
+        self.net.load_state_dict(raw if raw is not None else ema)
+        self.ema.load_state_dict(ema if ema is not None else raw)
+        self.step = max(self.step, self.cfg.warmup, updates)
+        if adam is not None:
+            params = list(self.net.parameters())  # tqch registers its modules in this same order
+            fits = len(adam["param_groups"]) == 1 and len(adam["param_groups"][0]["params"]) == len(params) and all(
+                tuple(s["exp_avg"].shape) == tuple(params[i].shape) for i, s in adam["state"].items())
+            if fits:  # the moments only; learning rate and options stay this Config's
+                groups = self.opt.state_dict()["param_groups"]
+                self.opt.load_state_dict({"state": adam["state"], "param_groups": groups})
+            else:
+                warnings.warn(f"'{path}': its optimizer state does not fit this network; Adam starts afresh")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official checkpoints (tqch/ddpm-torch): {"model", "optimizer", "ema": {"decay", "shadow", "num_updates"},
+# "scheduler", "epoch", ...}; "model" keys carry "module." when trained with DDP, "shadow" keys never do.
+
+
+def read_official(path: str):
+    """(model weights, EMA weights, EMA update count, Adam state) of a tqch checkpoint or a bare state dict;
+    None for what the file lacks."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
+
+    def strip(sd):
+        return {k.removeprefix("module."): v for k, v in sd.items()} if isinstance(sd, dict) else None
+
+    if "model" not in ckpt and "ema" not in ckpt:  # a bare state dict
+        if not all(torch.is_tensor(v) for v in ckpt.values()):
+            raise ValueError(f"'{path}' is neither a tqch/ddpm-torch checkpoint (with 'model' / 'ema') nor a state "
+                             f"dict; its keys: {', '.join(list(map(str, ckpt))[:6])}")
+        return strip(ckpt), None, 0, None
+    ema = ckpt.get("ema")
+    shadow = strip(ema.get("shadow")) if isinstance(ema, dict) else None
+    updates = int(ema.get("num_updates", 0)) if isinstance(ema, dict) else 0
+    return strip(ckpt.get("model")), shadow, updates, ckpt.get("optimizer")
+
+
+def check_keys(net: nn.Module, sd: dict, path: str) -> None:
+    """Raise a ValueError naming the missing, unexpected and mis-shaped keys of sd for net."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shape:
+        def some(names):
+            return ", ".join(names[:4]) + (f" ... ({len(names)} in all)" if len(names) > 4 else "")
+        parts = [f"{what}: {some(names)}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected), ("shape (file vs net)", shape)) if names]
+        raise ValueError(f"'{path}' is not a tqch/ddpm-torch UNet of this configuration; " + "; ".join(parts))
+
+
+def load_official(path: str, cfg: Config | None = None) -> UNet:
+    """A tqch/ddpm-torch checkpoint -> this file's UNet in eval mode, float32, on the CPU (EMA weights when the
+    file has them, else the model's); cfg describes the architecture (default: the paper preset)."""
+    raw, ema, _, _ = read_official(path)
+    sd = ema if ema is not None else raw
+    if sd is None:
+        raise ValueError(f"'{path}' has neither 'ema.shadow' nor 'model' weights")
+    net = build_net(cfg or make_config("paper"))
+    check_keys(net, sd, path)
+    net.load_state_dict(sd)
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: a summary of the network and the sampler of a preset
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="paper", choices=list(PRESETS))
+    args = p.parse_args()
+    cfg = make_config(args.preset)
+    net = build_net(cfg)
+    grid = time_grid(cfg.skip_schedule, cfg.sample_steps, cfg.timesteps)
+    print(f"ddpm {args.preset}: {cfg.img_channels}x{cfg.img_resolution}x{cfg.img_resolution} images, "
+          f"{sum(p.numel() for p in net.parameters()):,} parameters, {len(net.state_dict())} state-dict entries")
+    print(f"sampler {cfg.sampler}, {len(grid)} network evaluations per image, {cfg.skip_schedule} grid "
+          f"{grid[:6].tolist()} ... {grid[-3:].tolist()}")
