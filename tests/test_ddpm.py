@@ -4,30 +4,14 @@ training, mixed precision, and the Model interface.  Run: python -m pytest tests
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import ddpm
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-
-
-def fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not present")
-    return path
+from shared_fixtures import fixture
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny networks run faster on one thread, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

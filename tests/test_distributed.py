@@ -15,8 +15,6 @@ import torch
 
 import retrain
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "64", "--metrics", "pixel",
         "--device", "cpu", "--no-progress", "--set", "batch=16", "--set", "sample_batch=16",

@@ -11,33 +11,16 @@ import math
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import edm  # noqa: E402
+import edm
+from shared_fixtures import fixture
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SIGMAS = [0.002, 0.02, 0.3, 0.5, 1.0, 4.0, 80.0]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: these tiny networks gain nothing from more, and a busy machine costs them a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not available")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ the reference cache and the command line.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+import fid
+from shared_fixtures import fixture
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import fid  # noqa: E402
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
-def fixture(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not available")
-    return path
 
 
 def weight_rule(net: torch.nn.Module) -> torch.nn.Module:
@@ -243,12 +238,10 @@ def test_missing_weights_raise_one_line(tmp_path, monkeypatch):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "fid.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_calc_on_a_tiny_set(tmp_path, net):
-    if not (ROOT / "data.py").exists():
-        pytest.skip("data.py not available")
     weights = tmp_path / "w.pth"
     torch.save(net.state_dict(), weights)
     g = torch.Generator().manual_seed(6)

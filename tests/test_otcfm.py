@@ -8,22 +8,15 @@ per-seed sampling, checkpoints (own and torchcfm's).
 import io
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import otcfm
+from shared_fixtures import fixture
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
-
-def fixture(name: str):
-    path = FIXTURES / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not available")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ fitted by maximum likelihood (gaussian.py), plus the loop's bookkeeping: counts,
 
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -218,7 +217,7 @@ def test_meanmodel_resume_in_process_equals_uninterrupted(tmp_path, meanmodel):
 def test_resume_after_kill_gives_identical_metrics(tmp_path):
     common = [sys.executable, str(REPO / "retrain.py"), "--model", "gaussian", "--data", "gaussian", "--n-real", "100",
               "--lam", "1", "--iters", "60", "--seed", "5", "--no-progress"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
     p = subprocess.Popen(common + ["--out", str(killed)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

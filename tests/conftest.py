@@ -1,0 +1,14 @@
+"""Shared test settings: the tests' networks are tiny, so they run on one CPU thread. A second thread
+gains them nothing, and on a machine whose cores are busy with other work it slows them many times
+over. (Subprocesses started by the tests set OMP_NUM_THREADS=1 for the same reason.)"""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
