@@ -223,7 +223,7 @@ def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, 
                             "the last good checkpoint is kept (lower the learning rate or use --set amp=fp32)")
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if it == 0 and step == 4 and progress:
+        if it == 0 and step == 4 and rank == 0:
             per_step = (time.time() - t0) / 5
             tqdm.write(f"  pretraining: {per_step:.2f} s/step x {steps} steps ~ {per_step * steps / 60:.1f} min")
     return {"steps": steps, "loss": float(np.mean(losses))}
