@@ -530,7 +530,8 @@ class Model:
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.net.use_bf16 = self.ema.use_bf16 = bf16
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                    fused=self.device.type == "cuda")
         train_net = self.net
         if dist.is_available() and dist.is_initialized():
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -427,7 +427,7 @@ class Model:
         self.cfg, self.device = cfg, torch.device(device)
         self.net = UNet(cfg).to(self.device)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=self.device.type == "cuda")
         self.step, self.nfe = 0, 0
         self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         train_net = self.net
