@@ -19,15 +19,6 @@ TINY = ["--tiny", "--threads", "1", "--sample-mode", "scaled",
         "--set", "ddpm.sample_steps=10", "--set", "edm.num_steps=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run faster on one thread, and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_bench(argv: list[str]) -> tuple[dict, str]:
     """bench.main in this process: (its results, what it printed); torch's threads and RNG left as they were."""
     threads, rng = torch.get_num_threads(), torch.random.get_rng_state()
