@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 # Sources quoted below: [Ho] Ho et al. 2020; [DDIM] Song et al. 2021; [tqch] tqch/ddpm-torch
 # configs/cifar10.json, train.py, generate.py, ddim.py; [QB3] the retraining paper's code;
-# [digits] a CPU sizing trial on the 8x8 digits. The facts are collected in the project's reference notes.
+# [digits] a CPU sizing trial on the 8x8 digits.
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
