@@ -3,9 +3,11 @@
 Each stage runs retrain.py commands (listed in STAGES, all visible here) into runs/reproduce/, then
 draws its figures into results/ and records the wall time it took in results/times.json.
 
-    python reproduce.py theory        # the Gaussian warm-up: contraction rate and collapse (about a minute)
+    python reproduce.py theory        # the Gaussian warm-up: contraction rate and collapse (a few minutes)
+    python reproduce.py ddpm-short    # ddpm on the 8x8 digits, lam in {0, inf}, 20 iterations (about half an hour)
     python reproduce.py digits        # ddpm, edm, otcfm on the 8x8 digits, lam in {0, 0.5, 1, inf}, 20 iterations
     python reproduce.py all --dry-run # print the commands and check that they parse, run nothing
+    python reproduce.py ddpm-short --figures-only   # redraw a stage's figures from its finished runs
 """
 
 import argparse
@@ -30,6 +32,7 @@ STAGES = {
         *(f"{PY} --model gaussian --data gaussian --n-real {n} --lam inf 1 --iters 300 --out {RUNS}/gauss-collapse-n{n}"
           for n in COLLAPSE_N),
     ],
+    "ddpm-short": [f"{PY} --model ddpm --preset small --data digits --lam 0 inf --iters 20 --out {RUNS}/ddpm-short"],
     "digits": [f"{PY} --model {m} --preset small --data digits --lam 0 0.5 1 inf --iters 20 --out {RUNS}/digits-{m}"
                for m in DIGITS_MODELS],
 }
@@ -89,16 +92,17 @@ def theory_figures() -> list[str]:
     return [contraction, collapse]
 
 
-def digits_figures() -> list[str]:
-    """Per model: FD, precision, recall against iteration (one line per lambda), and sample grids."""
+def digits_figures(runs: dict[str, str]) -> list[str]:
+    """Per run: FD, precision, recall against iteration (one line per lambda), and sample grids."""
     from PIL import Image
 
     plt = _plt()
     made = []
-    for m in DIGITS_MODELS:
-        run = os.path.join(RUNS, f"digits-{m}")
+    for name, run in runs.items():
+        m = name.split("-")[0]
+        lams = sorted((d[4:] for d in os.listdir(run) if d.startswith("lam_")), key=float)
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-        for lam in ("0", "0.5", "1", "inf"):
+        for lam in lams:
             h = history(os.path.join(run, f"lam_{lam}"))
             for ax, key in zip(axes, ("fd", "precision", "recall")):
                 ax.plot([r["iter"] for r in h], [r[key] for r in h], "o-", ms=3, label=f"λ = {lam}")
@@ -106,7 +110,7 @@ def digits_figures() -> list[str]:
             ax.set(xlabel="iteration", title=f"{m}: {key}")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        made.append(os.path.join(RESULTS, f"digits_{m}_metrics.png"))
+        made.append(os.path.join(RESULTS, f"{name}_metrics.png"))
         fig.savefig(made[-1], dpi=100)
         plt.close(fig)
         # grids of iterations 0, 10, 20: lam = 0 on the left, fully synthetic on the right
@@ -117,12 +121,14 @@ def digits_figures() -> list[str]:
         for i, row in enumerate(rows):
             for j, img in enumerate(row):
                 sheet.paste(img, (j * (w + 8), i * (h + 8)))
-        made.append(os.path.join(RESULTS, f"digits_{m}_samples.png"))
+        made.append(os.path.join(RESULTS, f"{name}_samples.png"))
         sheet.save(made[-1])
     return made
 
 
-FIGURES = {"theory": theory_figures, "digits": digits_figures}
+FIGURES = {"theory": theory_figures,
+           "ddpm-short": lambda: digits_figures({"ddpm-short": os.path.join(RUNS, "ddpm-short")}),
+           "digits": lambda: digits_figures({f"{m}-digits": os.path.join(RUNS, f"digits-{m}") for m in DIGITS_MODELS})}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,6 +138,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=[*STAGES, "all"])
     p.add_argument("--dry-run", action="store_true", help="print the commands and check that they parse")
+    p.add_argument("--figures-only", action="store_true", help="redraw the figures from finished runs")
     args = p.parse_args(argv)
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     for stage in stages:
@@ -146,11 +153,14 @@ def main(argv=None) -> int:
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     for stage in stages:
         t0 = time.time()
-        for cmd in STAGES[stage]:
+        for cmd in [] if args.figures_only else STAGES[stage]:
             code = retrain.main(shlex.split(cmd)[2:])
             if code:
                 return code
         figures = FIGURES[stage]()
+        if args.figures_only:
+            print(f"{stage}: redrew {', '.join(figures)}")
+            continue
         times[stage] = {"seconds": round(time.time() - t0, 1), "figures": figures,
                         "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
         print(f"{stage}: {times[stage]['seconds'] / 60:.1f} min -> {', '.join(figures)}")
