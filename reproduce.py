@@ -56,6 +56,15 @@ def _plt():
     return plt
 
 
+def save(fig, name: str, dpi: int = 110) -> str:
+    """Write fig as results/NAME and close it; returns the path."""
+    path = os.path.join(RESULTS, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def theory_figures() -> list[str]:
     """Mean error against iteration with the predicted slope; log det Sigma_t against iteration."""
     import gaussian
@@ -71,10 +80,7 @@ def theory_figures() -> list[str]:
         ax.semilogy(it, [h[0]["mean_err"] * rho ** t for t in it], "--", color=line.get_color(), lw=1)
     ax.set(xlabel="iteration t", ylabel="‖μ_t − μ*‖", title="Gaussian, n = 100,000: dashed = (λ/(1+λ))^t")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    contraction = os.path.join(RESULTS, "gaussian_contraction.png")
-    fig.savefig(contraction, dpi=110)
-    plt.close(fig)
+    contraction = save(fig, "gaussian_contraction.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for n in COLLAPSE_N:
@@ -85,10 +91,7 @@ def theory_figures() -> list[str]:
     ax.axhline(torch.linalg.slogdet(gaussian.truth(2)[1])[1].item(), color="gray", ls=":", label="log det Σ*")
     ax.set(xlabel="iteration t", ylabel="log det Σ_t", title="2-d Gaussian refitted on its own samples")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    collapse = os.path.join(RESULTS, "gaussian_collapse.png")
-    fig.savefig(collapse, dpi=110)
-    plt.close(fig)
+    collapse = save(fig, "gaussian_collapse.png")
     return [contraction, collapse]
 
 
@@ -109,10 +112,7 @@ def digits_figures(runs: dict[str, str]) -> list[str]:
         for ax, key in zip(axes, ("Fréchet distance (pixels)", "precision", "recall")):
             ax.set(xlabel="iteration", title=f"{m}: {key}")
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        made.append(os.path.join(RESULTS, f"{name}_metrics.png"))
-        fig.savefig(made[-1], dpi=100)
-        plt.close(fig)
+        made.append(save(fig, f"{name}_metrics.png", dpi=100))
         # grids of iterations 0, 10, 20: lam = 0 on the left, fully synthetic on the right
         rows = [[Image.open(os.path.join(run, f"lam_{lam}", "samples", f"iter{it:03d}.png")) for lam in ("0", "inf")]
                 for it in (0, 10, 20)]
