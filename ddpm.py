@@ -86,11 +86,11 @@ PRESETS = {
         xflip=False,  # a mirrored digit is not a digit
         lr=2e-3,  # [digits]: Adam 2e-3 trained this size well
         warmup=100,  # short warm-up; the run is only thousands of steps
-        ema_decay=0.999,  # [digits]; half-life ~690 steps
+        ema_decay=0.999,  # [digits]; half-life ~690 steps, about 3.5 retraining iterations
         pretrain_kimg=768.0,  # 6,000 steps of 128: [digits] found 3,000 steps not quite converged
-        kimg=38.4,  # 300 steps of 128 per retraining iteration, as in [digits]
-        sample_steps=50,  # DDIM-50 [digits]
-        sample_batch=2048,  # all 1,797 digits in one call
+        kimg=25.6,  # 200 steps of 128 (14 epochs of the digits) per retraining iteration
+        sample_steps=25,  # DDIM-25: pixel FD 0.120 after pretraining, vs 0.112 at DDIM-50 [digits] in twice the time
+        sample_batch=512,  # 1.5x faster than one call of 2,048 on one CPU thread (the activations fit in cache)
     ),
 }
 

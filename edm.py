@@ -107,11 +107,11 @@ PRESETS = {
     "small": dict(img_channels=1, img_resolution=8, model_channels=32, channel_mult=(1, 1), num_blocks=1,
                   attn_resolutions=(4,), augment_dim=0, dropout=0.0, batch=128, lr=2e-3,
                   lr_rampup_kimg=12.8,        # 100 steps of ramp, once (images seen carry over)
-                  ema_halflife_kimg=10.0,     # ~80 steps: the EMA follows each 300-step fine-tune (0.5**3.84 = 7% left)
+                  ema_halflife_kimg=10.0,     # ~80 steps: the EMA follows each 200-step fine-tune (0.5**2.56 = 17% left)
                   pretrain_kimg=768.0,        # 6,000 steps, see above
-                  kimg=38.4,                  # 300 steps per retraining iteration
+                  kimg=25.6,                  # 200 steps per retraining iteration
                   num_steps=18,               # 35 NFE, see above
-                  sample_batch=1797),         # all digits in one call
+                  sample_batch=512),          # 1.5x faster than all 1,797 in one call on one CPU thread
 }
 
 # Public addresses of NVIDIA's released networks (EDM README, "Pre-trained models"), by dataset name.

@@ -436,8 +436,13 @@ def dataset_name(data_spec: str, real: torch.Tensor) -> str:
 
 
 def check_same(old: dict, new: dict, out: str) -> None:
+    """--resume continues a run only with the settings it was started with. The number of processes and the
+    device may change: samples depend on their seeds alone and training on the global batch (another
+    device changes the float rounding, not the method)."""
     for key in new:
-        if key not in ("iters", "started", "versions") and old.get(key) != new[key]:
+        if key in ("world_size", "device") and old.get(key) != new[key] and rank_world()[0] == 0:
+            print(f"retrain.py: --resume with {key} {new[key]} (the run began with {old.get(key)})")
+        elif key not in ("iters", "started", "versions", "world_size", "device") and old.get(key) != new[key]:
             raise UserError(f"--resume: {key} differs from the run in '{out}' ({old.get(key)!r} there, {new[key]!r} now); "
                             "use another --out, or --force to start over")
 
@@ -530,6 +535,7 @@ def run(args) -> None:
     elif os.path.exists(out) and os.listdir(out) and not args.force:
         raise UserError(f"run folder '{out}' exists; add --resume to continue it or --force to start over")
 
+    torch.manual_seed(args.seed)  # the network's initial weights: the same on every rank and in every run
     model = module.Model(cfg, device)
     real = real.to(device) if is_image else real
     ckpt0_path = os.path.join(out, "iter0.pt")

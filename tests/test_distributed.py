@@ -66,6 +66,18 @@ def test_resume_under_torchrun(tmp_path, init_ckpt):
     assert all(torch.equal(a["state"]["net"][k], b["state"]["net"][k]) for k in a["state"]["net"])
 
 
+def test_resume_with_another_process_count(tmp_path, init_ckpt):
+    """Begun on one process, continued on two: allowed (samples depend on their seeds alone), and said."""
+    common = [*TINY, "--init", init_ckpt, "--lam", "1", "--out", tmp_path / "run"]
+    launch(*common, "--iters", 1)
+    first = history(tmp_path / "run" / "metrics.jsonl")
+    r = launch(*common, "--iters", 2, "--resume", procs=2)
+    assert "--resume with world_size 2 (the run began with 1)" in r.stdout
+    resumed = history(tmp_path / "run" / "metrics.jsonl")
+    assert [h["iter"] for h in resumed] == [0, 1, 2] and resumed[:2] == first  # iteration 1 kept, 2 added
+    assert json.load(open(tmp_path / "run" / "config.json"))["world_size"] == 2
+
+
 def test_one_ddp_step_equals_one_step_on_the_global_batch(tmp_path, monkeypatch):
     """2 ranks x 4 images == 1 process x 8 images, when each image gets the same timestep and noise."""
     import ddp_step
