@@ -108,6 +108,20 @@ def test_samples_depend_only_on_their_seed(tmp_path):
     assert not torch.equal(a[:20], retrain.sample(m, 20, seed=1, it=5, chunk=20, is_image=False, progress=False))
 
 
+def test_initial_weights_follow_the_seed(tmp_path):
+    """The network is built after seeding from --seed: the same seed gives the same iteration 0 even in one
+    process whose global random state has moved on; another seed gives another one."""
+    tiny = ["--model", "otcfm", "--preset", "small", "--data", "digits", "--n-real", "32", "--iters", "0",
+            "--set", "batch=8", "--set", "steps=2", "--set", "pretrain_kimg=0.008"]
+    states = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        torch.rand(7)  # move the global random state between runs
+        assert run(tmp_path / name, *tiny, "--seed", seed) == 0
+        states[name] = retrain.load_checkpoint(str(tmp_path / name / "iter0.pt"))["state"]["net"]
+    assert all(torch.equal(states["a"][k], states["b"][k]) for k in states["a"])
+    assert not all(torch.equal(states["a"][k], states["c"][k]) for k in states["a"])
+
+
 def test_uint8_quantization_matches_png_rounding():
     x = torch.tensor([-1.0, -0.99, 0.0, 0.5, 1.0, 1.3, -2.0])
     expect = torch.tensor([0, 1, 128, 191, 255, 255, 0], dtype=torch.uint8)  # round(127.5 x + 127.5), clipped
