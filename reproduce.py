@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -203,9 +204,7 @@ def digits_table() -> str:
                          f"{first['precision']:.3f} → {last['precision']:.3f} | {first['recall']:.3f} → {last['recall']:.3f} |")
             if lam == "0":
                 fds = [r["fd"] for r in h[len(h) // 2:]]
-                mean = sum(fds) / len(fds)
-                std = (sum((f - mean) ** 2 for f in fds) / max(1, len(fds) - 1)) ** 0.5
-                noise.append(f"{m} {mean:.3f} ± {std:.3f}")
+                noise.append(f"{m} {statistics.mean(fds):.3f} ± {statistics.stdev(fds):.3f}")
     lines += ["", "FD of the λ = 0 control over its second half of iterations (mean ± standard deviation), "
               "a gauge of the noise in one run: " + ", ".join(noise) + "."]
     path = os.path.join(RESULTS, "digits_table.md")
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     if not args.figures_only:
-        outs = [shlex.split(job.cmd)[shlex.split(job.cmd).index("--out") + 1] for job in jobs]
+        outs = [words[words.index("--out") + 1] for words in (shlex.split(job.cmd) for job in jobs)]
         resumed = any(os.path.exists(out) for out in outs) and not args.restart
         for out in outs if args.restart else []:
             shutil.rmtree(out, ignore_errors=True)
