@@ -8,7 +8,7 @@ This file holds, top to bottom:
     UNet                 Ho et al.'s U-Net with tqch/ddpm-torch's module names, so its checkpoints load strictly
     diffusion            linear beta schedule, q(x_t | x_0), the L_simple loss
     samplers             ancestral DDPM (fixed-large variance) and DDIM (eta = 0) on a float64 time grid
-    Model                the interface retrain.py uses: train_step, generate, state dicts, load_pretrained
+    Model                the interface retrain.py uses: train_step, generate, state dicts, load_pretrained, profile
     load_official        a released tqch/ddpm-torch checkpoint file -> UNet
 
 Run:
@@ -68,9 +68,12 @@ class Config:
     skip_schedule: str = "quadratic"  # time grid: "quadratic" (ends at t = 0.8 T) | "uniform" [QB3, DDIM]
     sample_batch: int = 512  # images per generate() call; memory only, images depend on their seed alone
     sample_ema: bool = True  # sample the EMA weights; the paper's DDPM runs sampled the raw ones (no --use-ema) [QB3]
-    # engineering
-    amp: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    compile: bool = False  # torch.compile the network (falls back to eager on failure)
+    # engineering: speed only, resolved once against the device into Model.profile
+    amp: str = "auto"  # autocast dtype of the network: "auto" (bf16 on CUDA, fp32 elsewhere) | "bf16" | "fp32";
+    #                    bf16 also selects PyTorch's fused attention kernel, fp32 the explicit float32 softmax
+    channels_last: str = "auto"  # NHWC weights and activations: "auto" (on CUDA) | "true" | "false"
+    fused_adam: str = "auto"  # one fused kernel for all of Adam: "auto" (on CUDA) | "true" | "false"
+    compile: bool = False  # torch.compile the network (falls back to eager with a warning)
 
 
 PRESETS = {
@@ -113,6 +116,12 @@ def make_config(preset: str = "paper", **overrides) -> Config:
         raise ValueError(f"img_resolution {cfg.img_resolution} does not halve {len(cfg.ch_multipliers) - 1} times")
     if cfg.amp not in ("auto", "bf16", "fp32"):
         raise ValueError(f"amp '{cfg.amp}': choose auto, bf16 or fp32")
+    for name in ("channels_last", "fused_adam"):  # Python bools accepted, stored as "true" / "false"
+        value = getattr(cfg, name)
+        if isinstance(value, bool):
+            setattr(cfg, name, "true" if value else "false")
+        elif value not in ("auto", "true", "false"):
+            raise ValueError(f"{name} '{value}': choose auto, true or false")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler '{cfg.sampler}': choose from {', '.join(SAMPLERS)}")
     if cfg.skip_schedule not in ("quadratic", "uniform"):
@@ -168,10 +177,12 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, residual; q, k, v from one fused 1x1 conv."""
+    """Single-head self-attention over all H*W positions, residual; q, k, v from one fused 1x1 conv.
+    fused: PyTorch's attention kernel; Model sets it to follow amp (on in bf16, off in fp32)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.norm = GroupNorm(ch)
         self.project_in = nn.Conv2d(ch, 3 * ch, 1)  # output channels: q, k, v
         self.project_out = nn.Conv2d(ch, ch, 1)
@@ -179,14 +190,15 @@ class AttentionBlock(nn.Module):
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         q, k, v = self.project_in(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)  # each (B, C, HW)
-        h = attention(q, k, v, fused=x.is_cuda)  # (B, C, HW)
+        h = attention(q, k, v, fused=self.fused)  # (B, C, HW)
         return x + self.project_out(h.reshape(B, C, H, W))
 
 
 def attention(q, k, v, fused: bool) -> torch.Tensor:
     """softmax(q . k / sqrt(C)) over the key positions, applied to v; q, k, v (B, C, HW) -> (B, C, HW).
-    fused: PyTorch's attention kernel (softmax accumulated in float32 inside; used on CUDA), else
-    explicit float32 softmax (the CPU path; both agree with the reference within float32 rounding)."""
+    fused: PyTorch's attention kernel (any device; scores and softmax kept in float32 inside, which in bf16
+    is both faster and more accurate than rounding the scores to bf16), else the explicit float32 softmax
+    (the fp32 reference path; both agree with the reference within float32 rounding)."""
     if fused:
         return F.scaled_dot_product_attention(q.mT[:, None], k.mT[:, None], v.mT[:, None])[:, 0].mT
     w = torch.bmm(q.mT, k).float() / math.sqrt(q.shape[1])  # (B, HW query, HW key)
@@ -212,14 +224,14 @@ class UNet(nn.Module):
     """Ho et al.'s epsilon-prediction U-Net; net(x (B, C, H, W), t (B,) integer steps 0..T-1) -> eps."""
 
     def __init__(self, in_channels=3, hid_channels=128, out_channels=3, ch_multipliers=(1, 2, 2, 2),
-                 num_res_blocks=2, apply_attn=(False, True, False, False), drop_rate=0.1):
+                 num_res_blocks=2, apply_attn=(False, True, False, False), drop_rate=0.1, fused_attn=False):
         super().__init__()
         self.hid_channels, self.levels, self.num_res_blocks = hid_channels, len(ch_multipliers), num_res_blocks
         emb_ch = 4 * hid_channels
 
         def block(cin, cout, attn):
             res = ResidualBlock(cin, cout, emb_ch, drop_rate)
-            return ResAttn([res, AttentionBlock(cout)]) if attn else res
+            return ResAttn([res, AttentionBlock(cout, fused_attn)]) if attn else res
 
         self.embed = nn.Sequential(nn.Linear(hid_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         self.in_conv = nn.Conv2d(in_channels, hid_channels, 3, padding=1)
@@ -235,7 +247,7 @@ class UNet(nn.Module):
                 level.append(nn.Sequential(SamePad(), nn.Conv2d(ch, ch, 3, stride=2)))
                 skips.append(ch)
             self.downsamples[f"level_{i}"] = level
-        self.middle = nn.ModuleList([block(ch, ch, False), AttentionBlock(ch), block(ch, ch, False)])
+        self.middle = nn.ModuleList([block(ch, ch, False), AttentionBlock(ch, fused_attn), block(ch, ch, False)])
         ups = {}
         for i in reversed(range(self.levels)):
             level = nn.ModuleList()
@@ -280,9 +292,9 @@ class UNet(nn.Module):
         return self.out_conv(h)  # (B, C_out, H, W)
 
 
-def build_net(cfg: Config) -> UNet:
+def build_net(cfg: Config, fused_attn: bool = False) -> UNet:
     return UNet(cfg.img_channels, cfg.hid_channels, cfg.img_channels, cfg.ch_multipliers, cfg.num_res_blocks,
-                cfg.apply_attn, cfg.drop_rate)
+                cfg.apply_attn, cfg.drop_rate, fused_attn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,7 +303,7 @@ def build_net(cfg: Config) -> UNet:
 
 def linear_betas(cfg: Config) -> torch.Tensor:
     """beta_1..beta_T linearly spaced, float64 (T,) [Ho Sec. 4]; index t = 0..T-1 is step t + 1."""
-    return torch.linspace(cfg.beta_1, cfg.beta_T, cfg.timesteps, dtype=torch.float64)
+    return torch.linspace(cfg.beta_1, cfg.beta_T, cfg.timesteps, dtype=torch.float64, device="cpu")
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_bar: torch.Tensor) -> torch.Tensor:
@@ -306,16 +318,20 @@ def ddpm_loss(net, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha
 
 
 # ----------------------------------------------------------------------------------------------------
-# Samplers: sampler(eps_fn, x_T, alphas_bar, timesteps, gens) -> x_0. eps_fn(x, t) is the network in float32,
-# timesteps the increasing int64 grid (one network call each, last first), gens one torch.Generator per image.
+# Samplers: sampler(eps_fn, x_T, alphas_bar, timesteps, gens) -> x_0. eps_fn(x, t) is the network in float32 at
+# step t (a Python int), timesteps the increasing int64 grid (one network call each, last first), gens one
+# torch.Generator per image. The grid and its abar are read on the host once (.tolist() of the two inputs, no
+# other tensor op): every coefficient is then a Python float and nothing per step reads a tensor.
+
+NOISE_BLOCK = 50  # steps of noise drawn at once per image: one randn kernel per image per block, not per step
 
 
 def time_grid(schedule: str, steps: int, T: int) -> torch.Tensor:
     """The steps visited, increasing int64 (steps,), computed in float64: the paper's quadratic grid
     round(linspace(0, sqrt(0.8 T), steps)^2) [tqch ddim.py], or uniform floor(i T / steps) [DDIM Sec. 4.2]."""
     if schedule == "quadratic":
-        return (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).round().long()
-    return (torch.arange(steps, dtype=torch.float64) * (T / steps)).floor().long()
+        return (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64, device="cpu") ** 2).round().long()
+    return (torch.arange(steps, dtype=torch.float64, device="cpu") * (T / steps)).floor().long()
 
 
 def _x0_hat(x, eps, a: float) -> torch.Tensor:
@@ -323,27 +339,42 @@ def _x0_hat(x, eps, a: float) -> torch.Tensor:
     return (math.sqrt(1 / a) * x - math.sqrt(1 / a - 1) * eps).clamp(-1, 1)
 
 
+def _host_grid(alphas_bar: torch.Tensor, timesteps: torch.Tensor):
+    """The grid's steps as Python ints and their abar as Python floats."""
+    steps, abar = timesteps.tolist(), alphas_bar.tolist()
+    return steps, [abar[t] for t in steps]
+
+
+def noise_blocks(gens, shape, steps: int, device):
+    """`steps` draws of per-image noise (N, *shape), one per step, made NOISE_BLOCK steps at a time: one randn of
+    (k, *shape) per image and block from that image's own generator, so image i depends on gens[i] alone."""
+    for start in range(0, steps, NOISE_BLOCK):
+        k = min(NOISE_BLOCK, steps - start)
+        block = torch.stack([torch.randn((k, *shape), generator=g, device=device) for g in gens])  # (N, k, *shape)
+        yield from block.unbind(1)  # k views (N, *shape)
+
+
 def ddpm_sampler(eps_fn, x, alphas_bar, timesteps, gens):
     """Ancestral DDPM sampling [Ho Alg. 2] with fixed-large variance beta_t, on the grid's abar (respaced)."""
-    a_all = alphas_bar[timesteps].tolist()
-    for i in reversed(range(len(timesteps))):
+    steps, a_all = _host_grid(alphas_bar, timesteps)
+    noise = noise_blocks(gens, x.shape[1:], len(steps) - 1, x.device)  # every step but the last adds noise
+    for i in reversed(range(len(steps))):
         a, a_prev = a_all[i], a_all[i - 1] if i > 0 else 1.0
         beta = 1 - a / a_prev  # the step's beta (= betas[t] on the full grid)
-        x0 = _x0_hat(x, eps_fn(x, timesteps[i]), a)
+        x0 = _x0_hat(x, eps_fn(x, steps[i]), a)
         # posterior mean of q(x_{t-1} | x_t, x_0) [Ho Eq. 7]
         x = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x
         if i > 0:  # fixed-large variance sigma_t^2 = beta_t [Ho Sec. 3.2]; no noise at the last step
-            z = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in gens])  # (B, C, H, W)
-            x = x + math.sqrt(beta) * z
+            x = x + math.sqrt(beta) * next(noise)  # noise (N, C, H, W)
     return x
 
 
 def ddim_sampler(eps_fn, x, alphas_bar, timesteps, gens):
     """DDIM with eta = 0 [DDIM Eq. 12], x_0 clipped first and eps re-derived from it, as tqch/ddpm-torch does."""
-    a_all = alphas_bar[timesteps].tolist()
-    for i in reversed(range(len(timesteps))):
+    steps, a_all = _host_grid(alphas_bar, timesteps)
+    for i in reversed(range(len(steps))):
         a, a_prev = a_all[i], a_all[i - 1] if i > 0 else 1.0
-        x0 = _x0_hat(x, eps_fn(x, timesteps[i]), a)
+        x0 = _x0_hat(x, eps_fn(x, steps[i]), a)
         # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
         c2 = math.sqrt(1 - a) * math.sqrt(1 - a_prev) / (1 - a)
         c1 = math.sqrt(a_prev) * (1 - math.sqrt(a / a_prev) * c2)
@@ -375,54 +406,99 @@ def _compiled(net: nn.Module, enabled: bool):
     return call
 
 
+def _resolve(value, auto: bool) -> bool:
+    """A channels_last / fused_adam setting ("auto" | "true" | "false", or a bool) -> on or off."""
+    return auto if value == "auto" else value in (True, "true")
+
+
+def _moments_like_params(opt: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor shaped like its parameter the parameter's strides. A loaded state keeps
+    the layout it was saved in (NCHW from a CPU run or a released file), and CUDA's fused Adam refuses moments
+    laid out unlike their parameter (channels_last); the values are unchanged."""
+    for p, state in opt.state.items():
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
+
+
+def _to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """net.to(device), its 4-D weights NHWC in memory when channels_last (faster convolutions, the same values).
+    Written out with .data because Module.to cannot swap FakeTensor parameters (tests/test_cuda_path.py builds
+    the paper model on fake CUDA tensors); called before Adam and the EMA copy exist, which take this layout."""
+    with torch.no_grad():
+        for p in [*net.parameters(), *net.buffers()]:
+            layout = torch.channels_last if channels_last and p.dim() == 4 else torch.preserve_format
+            p.data = p.data.to(device, memory_format=layout)
+    return net
+
+
 class Model:
     """DDPM training and sampling: the network, its EMA, Adam, and the step counter."""
 
     def __init__(self, cfg: Config, device):
         self.cfg, self.device = cfg, torch.device(device)
-        self.net = build_net(cfg).to(self.device)
-        if self.device.type == "cuda":  # faster convolutions; values unchanged
-            self.net = self.net.to(memory_format=torch.channels_last)
+        # the speed profile, resolved once: "auto" means on for CUDA, off elsewhere (the only device test)
+        on_cuda = self.device.type == "cuda"
+        self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda)
+        self.channels_last = _resolve(cfg.channels_last, on_cuda)
+        self.fused_adam = _resolve(cfg.fused_adam, on_cuda)
+        self.net = _to_device(build_net(cfg, fused_attn=self.bf16), self.device, self.channels_last)  # before Adam
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                    fused=self.device.type == "cuda")
+                                    fused=self.fused_adam)
         self.step, self.nfe = 0, 0
         self.betas = linear_betas(cfg)  # float64 (T,), on the CPU: samplers read python floats from it
         self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)  # abar_t = prod_{s <= t} (1 - beta_s) [Ho Eq. 4]
         self._alphas_bar_dev = self.alphas_bar.to(self.device)
-        self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         train_net = self.net
-        if torch.distributed.is_initialized():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            train_net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if torch.distributed.is_initialized():  # device_ids=None: the module's own device, CPU or one GPU
+            train_net = torch.nn.parallel.DistributedDataParallel(self.net)
         self._train_fwd = _compiled(train_net, cfg.compile)
         self._sample_fwd = {id(n): _compiled(n, cfg.compile) for n in (self.net, self.ema)}
+
+    @property
+    def profile(self) -> dict:
+        """The resolved speed settings, e.g. for retrain.py to print at start."""
+        return {"amp": "bf16" if self.bf16 else "fp32", "channels_last": self.channels_last,
+                "fused_adam": self.fused_adam, "compile": bool(self.cfg.compile)}
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def _input(self, x):
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+    def _input(self, x):  # the network's 4-D input, NHWC when channels_last is on
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def train_step(self, x: torch.Tensor) -> float:
-        """One Adam step on L_simple for x (B, C, H, W) in [-1, 1], then the EMA update."""
-        cfg = self.cfg
-        self.net.train()
-        t = torch.randint(0, cfg.timesteps, (x.shape[0],), device=self.device)  # uniform over steps [Ho Alg. 1]
-        noise = torch.randn_like(x)
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """L_simple of the training network on x (B, C, H, W) in [-1, 1] at uniform random steps, 0-dim float32."""
+        t = torch.randint(0, self.cfg.timesteps, (x.shape[0],), device=self.device)  # uniform steps [Ho Alg. 1]
+        noise = torch.randn_like(x)  # (B, C, H, W)
         with self._autocast():
-            loss = ddpm_loss(self._train_fwd, self._input(x), t, noise, self._alphas_bar_dev)
+            return ddpm_loss(self._train_fwd, self._input(x), t, noise, self._alphas_bar_dev)
+
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One Adam step on L_simple for x (B, C, H, W) in [-1, 1], then the EMA update. Returns the detached
+        loss (0-dim float32, this process's mean) on the device: nothing here waits for the device."""
+        self.net.train()
+        loss = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self._update(x.shape[0] * world)
+        return loss.detach()
+
+    def _update(self, batch: int) -> None:
+        """Everything after backward, in a fixed number of kernels however many parameter tensors: clipping,
+        the warm-up lr, Adam, the EMA, the step counter. batch (images in this step over all processes) is
+        unused: DDPM's warm-up and EMA ramp count optimizer steps."""
+        cfg, params = self.cfg, list(self.net.parameters())
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min((self.step + 1) / cfg.warmup, 1.0)
         self.opt.step()
         decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():  # ema <- decay ema + (1 - decay) net, in float32
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - decay)
+        with torch.no_grad():  # ema <- decay ema + (1 - decay) net, in float32 (the U-Net has no buffers)
+            torch._foreach_lerp_(list(self.ema.parameters()), params, 1 - decay)
         self.step += 1
-        return loss.item()
 
     @torch.inference_mode()
     def generate(self, seeds: torch.Tensor) -> torch.Tensor:
@@ -437,7 +513,7 @@ class Model:
         grid = time_grid(cfg.skip_schedule, cfg.sample_steps, cfg.timesteps)
 
         def eps_fn(x, t):  # network call in bf16 or fp32; the sampler's state stays float32
-            with self._autocast():
+            with self._autocast():  # t, a Python int, filled in on the device: no host-to-device copy
                 t = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
                 return fwd(self._input(x), t).float()
 
@@ -452,7 +528,9 @@ class Model:
     def load_state_dict(self, d: dict) -> None:
         self.net.load_state_dict(d["net"])
         self.ema.load_state_dict(d["ema"])
-        self.opt.load_state_dict(d["opt"])
+        groups = self.opt.state_dict()["param_groups"]  # Adam's options (fused, ...) stay this profile's
+        self.opt.load_state_dict({"state": d["opt"]["state"], "param_groups": groups})
+        _moments_like_params(self.opt)  # a run saved with another layout (e.g. begun on the CPU)
         self.step = int(d["step"])
 
     def load_pretrained(self, path: str) -> None:
@@ -472,6 +550,7 @@ class Model:
             if fits:  # the moments only; learning rate and options stay this Config's
                 groups = self.opt.state_dict()["param_groups"]
                 self.opt.load_state_dict({"state": adam["state"], "param_groups": groups})
+                _moments_like_params(self.opt)  # the file's moments are NCHW
             else:
                 warnings.warn(f"'{path}': its optimizer state does not fit this network; Adam starts afresh")
 

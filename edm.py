@@ -20,7 +20,6 @@ Commands:
 """
 
 import collections
-import copy
 import dataclasses
 import io
 import math
@@ -53,9 +52,10 @@ class Config:
     num_blocks: int = 4                   # residual blocks per level (decoder: num_blocks + 1)
     attn_resolutions: tuple = (16,)       # resolutions (px) whose blocks carry self-attention
     augment_dim: int = 9                  # augment-label inputs: the released nets were trained with EDM's augment
-    #                                       pipe (p = 0.12, 9 labels). Training here passes NO augment labels, which
-    #                                       is the same as zero labels (map_augment has no bias); sampling passes
-    #                                       none either, as in EDM. 0 = no map_augment layer.
+    #                                       pipe (p = 0.12, 9 labels). Training here feeds zero labels (no augment
+    #                                       pipe): the same output as none, since map_augment has no bias, and
+    #                                       map_augment still gets a (zero) gradient, which DDP needs at every step;
+    #                                       sampling passes none, as in EDM. 0 = no map_augment layer.
     dropout: float = 0.13                 # dropout probability before each block's second conv; EDM CIFAR-10 default
     precond: str = "edm"                  # "edm": EDM preconditioning + EDM loss; "vp": VP + VP loss (Table 1)
     sigma_data: float = 0.5               # data standard deviation in EDM's c_skip/c_out/c_in and loss weight (Table 1)
@@ -89,7 +89,11 @@ class Config:
     S_noise: float = 1.0                  # std of the added noise relative to the churn (Algorithm 2)
     sample_batch: int = 1000              # images per generate() call; a speed setting only
     sample_ema: bool = True               # sample from the EMA weights (EDM samples its EMA network)
-    amp: str = "auto"                     # "auto": bf16 autocast in the U-Net on CUDA, fp32 on CPU; "bf16"; "fp32"
+    # ---- engineering: speed only, resolved against the device once by Model (Model.profile)
+    amp: str = "auto"                     # autocast dtype of the network: "auto" (bf16 on CUDA, fp32 elsewhere) |
+    #                                       "bf16" | "fp32"; the preconditioning and the sampler stay float32/64
+    channels_last: str = "auto"           # NHWC weights and activations: "auto" (on CUDA) | "true" | "false"
+    fused_adam: str = "auto"              # one fused kernel for all of Adam: "auto" (on CUDA) | "true" | "false"
     compile: bool = False                 # torch.compile the network (falls back to eager with a warning)
 
 
@@ -148,8 +152,13 @@ def make_config(preset: str = "paper", **overrides) -> Config:
     cfg = Config(**{k: _coerce(v, fields[k]) for k, v in values.items()})
     if cfg.precond not in ("edm", "vp"):
         raise ValueError(f"precond must be 'edm' or 'vp', not '{cfg.precond}'")
-    if cfg.amp not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"amp must be 'auto', 'bf16' or 'fp32', not '{cfg.amp}'")
+    for name in ("channels_last", "fused_adam"):  # Python bools are accepted too
+        if isinstance(getattr(cfg, name), bool):
+            setattr(cfg, name, "true" if getattr(cfg, name) else "false")
+    for name, allowed in (("amp", ("auto", "bf16", "fp32")), ("channels_last", ("auto", "true", "false")),
+                          ("fused_adam", ("auto", "true", "false"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     if cfg.num_steps < 2:
         raise ValueError("num_steps must be at least 2")
     return cfg
@@ -368,10 +377,14 @@ class Precond(nn.Module):
     def __init__(self, model: SongUNet):
         super().__init__()
         self.model = model
-        self.use_bf16 = False  # bf16 autocast inside the U-Net (set by Model from cfg.amp)
+        self.use_bf16 = False  # bf16 autocast inside the U-Net (set by Model from its resolved amp)
+        self.channels_last = False  # NHWC input, to match NHWC weights (set by Model from its resolved profile)
 
     def forward(self, x, sigma, augment_labels=None):  # x (B, C, H, W), sigma scalar / (B,) / (B,1,1,1) -> (B, C, H, W)
         x = x.to(torch.float32)
+        if self.channels_last:  # the same values, laid out NHWC in memory
+            x = x.contiguous(memory_format=torch.channels_last)
+        # a tensor sigma already on the device (the sampler's, the losses') is only cast, never copied from the host
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
@@ -455,38 +468,56 @@ LOSSES = {"edm": edm_loss, "vp": vp_loss}
 
 
 def time_steps(num_steps, sigma_min, sigma_max, rho):
-    """Noise levels of Eq. 5, t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then t_N = 0."""
-    i = torch.arange(num_steps, dtype=torch.float64)
+    """Noise levels of Eq. 5, t_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then t_N = 0.
+    Computed on the CPU whatever the default device, so that the grid has the same bits on every machine."""
+    i = torch.arange(num_steps, dtype=torch.float64, device="cpu")
     t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])  # (N + 1,)
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64, device="cpu")])  # (N + 1,) float64
+
+
+NOISE_BLOCK = 50  # S_churn > 0: each image's noise is drawn for up to this many steps at once (one kernel per image)
 
 
 def heun_sampler(D, latents, cfg, generators=None):
-    """EDM Heun sampler, Algorithm 2 of Karras et al. 2022 (Algorithm 1 when S_churn = 0); returns (x, nfe)."""
+    """EDM Heun sampler, Algorithm 2 of Karras et al. 2022 (Algorithm 1 when S_churn = 0); returns (x, nfe).
+
+    Runs in float64. The noise levels live on the device from the start and D gets them as 0-dim device tensors:
+    no host-to-device copy per network call, and torch.compile does not specialise on their values. With
+    generators (one per image), the churn noise of image n comes from generators[n] alone."""
     sigma_min = max(cfg.sigma_min, getattr(D, "sigma_min", 0.0))
     sigma_max = min(cfg.sigma_max, getattr(D, "sigma_max", float("inf")))
-    t = time_steps(cfg.num_steps, sigma_min, sigma_max, cfg.rho).tolist()
-    x_next, nfe = latents.to(torch.float64) * t[0], 0  # (N, C, H, W) float64
+    t = time_steps(cfg.num_steps, sigma_min, sigma_max, cfg.rho).to(latents.device)  # (N + 1,) float64: t_0 .. t_N
+    # churn (Algorithm 2): t_hat_i = (1 + gamma_i) t_i, gamma_i = min(S_churn / N, sqrt(2) - 1) if S_min <= t_i <= S_max
+    in_range = ((t >= cfg.S_min) & (t <= cfg.S_max)).to(torch.float64)
+    gamma = in_range * min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1)  # (N + 1,), all 0 when S_churn = 0
+    t_hat = t * (1 + gamma)  # (N + 1,)
+    step = t[1:] - t_hat[:-1]  # (N,) t_{i+1} - t_hat_i
+    churn = (t_hat ** 2 - t ** 2).sqrt() * cfg.S_noise  # (N + 1,) std of the noise that raises t_i to t_hat_i
+    x_next, nfe = latents.to(torch.float64) * t[0], 0  # (B, C, H, W) float64
 
-    def denoise(x, sigma):  # D at a 0-dim noise level (a tensor, so torch.compile does not specialise on it)
-        return D(x, torch.tensor(sigma, dtype=torch.float64, device=x.device)).to(torch.float64)
+    def denoise(x, sigma):  # sigma: a 0-dim float64 tensor on the device
+        return D(x, sigma).to(torch.float64)
 
-    for i, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
+    def noise_block(i):  # (B, k, C, H, W): every image's churn noise for steps i .. i + k - 1, one draw per image
+        k, shape = min(NOISE_BLOCK, cfg.num_steps - i), x_next.shape[1:]
+        if generators is None:
+            return torch.randn((x_next.shape[0], k, *shape), dtype=torch.float64, device=x_next.device)
+        return torch.stack([torch.randn((k, *shape), generator=g, dtype=torch.float64, device=x_next.device)
+                            for g in generators])
+
+    for i in range(cfg.num_steps):
         x_cur = x_next
-        gamma = min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1) if cfg.S_min <= t_cur <= cfg.S_max else 0.0
-        t_hat = t_cur + gamma * t_cur
         x_hat = x_cur
-        if cfg.S_churn > 0:  # drawn at every step, as the reference does, so per-seed streams stay aligned
-            eps = (torch.randn_like(x_cur) if generators is None else
-                   torch.stack([torch.randn(x_cur.shape[1:], generator=g, dtype=x_cur.dtype, device=x_cur.device)
-                                for g in generators]))
-            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * cfg.S_noise * eps
-        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat  # Euler step
-        x_next = x_hat + (t_next - t_hat) * d_cur
+        if cfg.S_churn > 0:  # noise for every step, also where gamma_i = 0, so each seed's stream stays aligned
+            if i % NOISE_BLOCK == 0:
+                eps = noise_block(i)
+            x_hat = x_cur + churn[i] * eps[:, i % NOISE_BLOCK]  # x_hat = x_i + sqrt(t_hat^2 - t_i^2) S_noise eps
+        d_cur = (x_hat - denoise(x_hat, t_hat[i])) / t_hat[i]  # Euler step
+        x_next = x_hat + step[i] * d_cur
         nfe += 1
         if i < cfg.num_steps - 1:  # 2nd-order correction, except for the step to sigma = 0
-            d_prime = (x_next - denoise(x_next, t_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            d_prime = (x_next - denoise(x_next, t[i + 1])) / t[i + 1]
+            x_next = x_hat + step[i] * (0.5 * d_cur + 0.5 * d_prime)
             nfe += 1
     return x_next, nfe
 
@@ -514,31 +545,69 @@ class _Compiled:
         return getattr(self.module, name)
 
 
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a dense tensor as a 1-D view, in the order they lie in memory: no copy, also for channels_last
+    tensors (whose reshape(-1) would copy). Dims sorted by decreasing stride are a contiguous permutation of t."""
+    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).view(-1)
+
+
+def _resolve(value, on_cuda: bool) -> bool:
+    """A profile switch of the Config ("auto" | "true" | "false", or a bool) against the device."""
+    return on_cuda if value == "auto" else value in (True, "true")
+
+
 class Model:
     """EDM denoiser, its EMA and Adam; train_step / generate / state_dict as retrain.py expects."""
 
     def __init__(self, cfg: Config, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
+        # the speed profile, resolved once; nothing else in this file looks at the device type
+        on_cuda = self.device.type == "cuda"
+        self.amp = {"auto": "bf16" if on_cuda else "fp32"}.get(cfg.amp, cfg.amp)  # "bf16" | "fp32"
+        self.channels_last = _resolve(cfg.channels_last, on_cuda)
+        self.fused_adam = _resolve(cfg.fused_adam, on_cuda)
+        self.compile = bool(cfg.compile)
         self.step = 0  # optimizer steps taken, carried over
         self.nimg = 0  # training images seen, carried over: drives the lr ramp-up and the EMA ramp-up
         self.nfe = 0  # network evaluations per image of the last generate()
         self._build()
 
+    @property
+    def profile(self) -> dict:
+        """The resolved speed settings (retrain.py prints them at start)."""
+        return {"amp": self.amp, "channels_last": self.channels_last, "fused_adam": self.fused_adam,
+                "compile": self.compile}
+
     def _build(self):
         cfg = self.cfg
-        self.net = build_denoiser(cfg).to(self.device)  # raw weights, trained
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
-        self.net.use_bf16 = self.ema.use_bf16 = bf16
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                    fused=self.device.type == "cuda")
-        train_net = self.net
-        if dist.is_available() and dist.is_initialized():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self._train_net = _Compiled(train_net) if cfg.compile else train_net
-        self._sample_net = {True: _Compiled(self.ema) if cfg.compile else self.ema,
-                            False: _Compiled(self.net) if cfg.compile else self.net}
+        self.net = net = self._place(build_denoiser(cfg))  # raw weights, trained
+        # the EMA: a second denoiser holding a copy of the weights (copy.deepcopy would move FakeTensor parameters
+        # into a fake mode of their own, see tests/test_cuda_path.py); its own random init leaves the RNG as it was
+        with torch.random.fork_rng(devices=[]):
+            self.ema = self._place(build_denoiser(cfg))
+        self.ema.load_state_dict(net.state_dict())
+        self.ema.eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                    fused=self.fused_adam)
+        self._params, self._ema_params = list(net.parameters()), list(self.ema.parameters())
+        self._net_buffers, self._ema_buffers = list(net.buffers()), list(self.ema.buffers())
+        train_net = net
+        if dist.is_available() and dist.is_initialized():  # inputs are already on the module's device
+            train_net = nn.parallel.DistributedDataParallel(net)
+        self._train_net = _Compiled(train_net) if self.compile else train_net
+        self._sample_net = {True: _Compiled(self.ema) if self.compile else self.ema,
+                            False: _Compiled(net) if self.compile else net}
+
+    def _place(self, net: Precond) -> Precond:
+        """net on the device, with the resolved profile: NHWC 4-D weights when channels_last (before Adam, whose
+        moments take the weights' layout), bf16 autocast. Written with .data, since Module.to cannot swap
+        FakeTensor parameters."""
+        with torch.no_grad():
+            for t in [*net.parameters(), *net.buffers()]:
+                layout = torch.channels_last if self.channels_last and t.dim() == 4 else torch.preserve_format
+                t.data = t.data.to(self.device, memory_format=layout)
+        net.use_bf16, net.channels_last = self.amp == "bf16", self.channels_last
+        return net
 
     def lr(self) -> float:
         """Learning rate of the next step: linear ramp-up over lr_rampup_kimg images seen, then constant."""
@@ -552,35 +621,50 @@ class Model:
             halflife = min(halflife, self.cfg.ema_rampup_ratio * self.nimg)
         return 0.5 ** (batch / max(halflife, 1e-8))
 
-    def train_step(self, x: torch.Tensor) -> float:
-        """One Adam step on x (B, C, H, W) in [-1, 1]; returns the mean per-element weighted loss."""
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The training objective on x (B, C, H, W) in [-1, 1], 0-dim: the weighted squared error of the EDM or
+        VP loss (cfg.precond), summed over pixels and averaged over images, as EDM's training loop reduces it."""
+        labels = None
+        if self.net.model.map_augment is not None:
+            # zero augment labels: the same output as none (map_augment has no bias), but map_augment joins the
+            # graph, so every parameter gets a gradient at every step, as DistributedDataParallel requires
+            labels = torch.zeros(x.shape[0], self.cfg.augment_dim, device=self.device)  # (B, augment_dim)
+        loss = LOSSES[self.cfg.precond](lambda x_noisy, sigma: self._train_net(x_noisy, sigma, labels), x, self.cfg)
+        return loss.sum() / x.shape[0]  # loss: (B, C, H, W) float32
+
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One Adam step on x (B, C, H, W) in [-1, 1]. Returns this process's mean per-element weighted loss as a
+        detached 0-dim float32 tensor on the device: nothing here waits for the device (retrain.py reads the loss
+        every few steps and averages it over processes itself)."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        batch = x.shape[0] * world  # images in this step, all ranks together
         self.net.train()
-        loss = LOSSES[self.cfg.precond](self._train_net, x, self.cfg)  # (B, C, H, W) float32
+        loss = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
-        (loss.sum() / x.shape[0]).backward()  # EDM's reduction: sum over pixels, mean over images
-        for p in self.net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+        loss.backward()
+        self._update(x.shape[0] * world)  # images in this step, all ranks together
+        return loss.detach() / x[0].numel()  # per element, as EDM reports it
+
+    def _update(self, batch: int) -> None:
+        """Everything after backward, in a number of kernels that does not grow with the number of parameter
+        tensors: gradient cleaning and clipping, the lr, Adam, the EMA, the counters."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:  # EDM: nan -> 0, +-inf -> +-1e5, on all gradients at once (there is no foreach nan_to_num)
+            flat = torch.cat([_flat_view(g) for g in grads])
+            torch.nan_to_num_(flat, nan=0.0, posinf=1e5, neginf=-1e5)
+            torch._foreach_copy_([_flat_view(g) for g in grads], flat.split([g.numel() for g in grads]))
         if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip, foreach=True)  # the CPU default loops
+        lr = self.lr()
         for group in self.opt.param_groups:
-            group["lr"] = self.lr()
+            group["lr"] = lr
         self.opt.step()
         beta = self.ema_beta(batch)
         with torch.no_grad():
-            for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
-                p_ema.lerp_(p.detach(), 1 - beta)  # p_ema <- beta p_ema + (1 - beta) p
-            for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
-                b_ema.copy_(b)
+            torch._foreach_lerp_(self._ema_params, self._params, 1 - beta)  # p_ema <- beta p_ema + (1 - beta) p
+            if self._net_buffers:  # (the resample filters: constants, copied as EDM does)
+                torch._foreach_copy_(self._ema_buffers, self._net_buffers)
         self.nimg += batch
         self.step += 1
-        value = loss.detach().mean()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        return float(value)
 
     def generate(self, seeds: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) float32 in [-1, 1]; image i depends only on seeds[i] (its own generator)."""
@@ -592,7 +676,7 @@ class Model:
             latents = torch.stack([torch.randn(cfg.img_channels, cfg.img_resolution, cfg.img_resolution,
                                                generator=g, device=self.device) for g in gens])  # (N, C, H, W)
             x, self.nfe = heun_sampler(D, latents, cfg, gens)
-        return x.clamp(-1, 1).to(torch.float32)
+        return x.clamp(-1, 1).to(torch.float32, memory_format=torch.contiguous_format)  # NCHW also after NHWC nets
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
@@ -604,8 +688,21 @@ class Model:
             self._build()
         self.net.load_state_dict(d["net"])
         self.ema.load_state_dict(d["ema"])
-        self.opt.load_state_dict(d["opt"])
+        self._load_adam_state(d["opt"])
         self.step, self.nimg = int(d["step"]), int(d["nimg"])
+
+    def _load_adam_state(self, saved: dict) -> None:
+        """Adam's per-parameter state (moments, step) from a checkpoint, which may come from another device.
+        Hyperparameters and kernel choice (lr, betas, eps, fused) stay this Config's: torch's load_state_dict
+        would take the file's, e.g. fused=False from a CPU run. Every moment takes its parameter's strides: a
+        checkpoint of an NCHW run holds NCHW moments, which CUDA's fused Adam refuses for NHWC weights."""
+        mine = self.opt.state_dict()["param_groups"]
+        groups = [{**g, "params": s["params"]} for g, s in zip(mine, saved["param_groups"])]
+        self.opt.load_state_dict({"state": saved["state"], "param_groups": groups})
+        for p, state in self.opt.state.items():
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
 
     def load_pretrained(self, path: str) -> None:
         """NVIDIA's released .pkl -> weights into net and EMA; images seen set past the ramp-ups."""

@@ -18,7 +18,8 @@ This file holds:
     load strictly; called as net(t, x) with t in [0, 1];
   - ot_pairing and conditional_path: minibatch OT as an assignment problem, and the straight path;
   - the samplers euler, midpoint, heun (fixed step) and dopri5 (adaptive, torchdiffeq);
-  - load_official: torchcfm's checkpoint file -> UNet; Model: training, EMA, sampling, checkpoints.
+  - load_official: torchcfm's checkpoint file -> UNet; Model: training (under torchrun, the OT plan of the
+    global batch: ot_pairs), EMA, sampling, checkpoints, and the CUDA profile it resolved (Model.profile).
 
 Run:
     python retrain.py --model otcfm --preset small --lam 1 --iters 20                 # digits, CPU
@@ -71,14 +72,21 @@ class Config:
     pretrain_kimg: float = 51200.128  # from-scratch budget in thousands of images: 400,001 steps x 128
     kimg: float = 50.0                # fine-tuning budget per retraining iteration (Bertrand et al.: 50 kimg)
     # sampling (compute_fid.py; Bertrand et al. sample the EMA with dopri5, rtol = atol = 1e-5)
-    sampler: str = "dopri5"           # "dopri5" (adaptive) | "euler" | "midpoint" | "heun" (fixed step)
+    sampler: str = "dopri5"           # "dopri5" (adaptive; its network runs in float32 whatever amp says, see amp)
+                                      # | "euler" | "midpoint" | "heun" (fixed step; the network under amp)
     steps: int = 100                  # steps of the fixed-step samplers (compute_fid.py --integration_steps 100)
     rtol: float = 1e-5                # dopri5 relative tolerance (compute_fid.py --tol 1e-5)
     atol: float = 1e-5                # dopri5 absolute tolerance (compute_fid.py --tol 1e-5)
     sample_batch: int = 512           # images per generate() call (Bertrand et al.'s sampling batch)
     sample_ema: bool = True           # sample from the EMA weights (compute_fid.py loads ema_model)
-    amp: str = "auto"                 # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    compile: bool = False             # torch.compile the network (falls back to eager on failure)
+    # engineering: the same four fields in ddpm.py, edm.py and otcfm.py; Model.profile holds their resolved values
+    amp: str = "auto"                 # autocast dtype of the network: "auto" (bf16 on CUDA, fp32 elsewhere) | "bf16"
+                                      # | "fp32". Training and the fixed-step samplers only: dopri5 always runs the
+                                      # network in float32, as the paper samples; bf16 rounding inflates its adaptive
+                                      # error estimate (measured: 110 evaluations per image against 20 in float32)
+    channels_last: str = "auto"       # NHWC weights and activations: "auto" (on CUDA) | "true" | "false"
+    fused_adam: str = "auto"          # one fused kernel for all of Adam: "auto" (on CUDA) | "true" | "false"
+    compile: bool = False             # torch.compile the network (falls back to eager with a warning)
 
 
 PRESETS = {
@@ -121,11 +129,17 @@ def make_config(preset: str, **overrides) -> Config:
     for key in ("channel_mult", "attn_resolutions"):  # lists from JSON / command lines -> tuples
         if key in values:
             values[key] = tuple(values[key])
+    for key in ("channels_last", "fused_adam"):  # Python bools -> "true" / "false"
+        if isinstance(values.get(key), bool):
+            values[key] = "true" if values[key] else "false"
     cfg = Config(**values)
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{cfg.sampler}' (have: {', '.join(SAMPLERS)})")
     if cfg.amp not in ("auto", "bf16", "fp32"):
         raise ValueError(f"amp must be auto, bf16 or fp32, not '{cfg.amp}'")
+    for key in ("channels_last", "fused_adam"):
+        if getattr(cfg, key) not in ("auto", "true", "false"):
+            raise ValueError(f"{key} must be auto, true or false, not '{getattr(cfg, key)}'")
     return cfg
 
 
@@ -314,6 +328,38 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(perm).to(x1.device)
 
 
+def gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """(world * B, ...): every process's x (B, ...), rank 0's rows first. Data only: no gradient flows back."""
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    torch.distributed.all_gather(list(out.chunk(world)), x.contiguous())  # each chunk is one rank's rows
+    return out
+
+
+def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, resample: bool):
+    """This process's B pairs (x0, x1) from the exact OT plan of the GLOBAL batch: x0, x1 (B, C, H, W) are its
+    share, every process holding the same B.
+
+    The plan is a property of the whole batch of cfg.batch images that one optimizer step averages over, not of
+    how torchrun splits it: with 8 processes, pairing each rank's 16 images alone would solve eight assignment
+    problems of 16 instead of one of 128, a coarser plan (less straight pairs) that changes with the number of
+    GPUs. So every rank gathers the noise and the data of all ranks (all_gather, in rank order), solves the same
+    assignment over the global batch (the solver is deterministic: every rank finds the same permutation, with
+    no further communication), and keeps its share: without resampling, rank r trains on matched pairs
+    r*B:(r+1)*B (its own noise rows, each with the data it was matched to); with resampling it draws its B pairs
+    uniformly from all the global batch's matched pairs. The draws have the batch as leading dimension, in the
+    same order for any number of processes; with one process nothing is gathered."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    B = x0.shape[0]  # this process's share
+    if world > 1:
+        x0, x1 = gather_rows(x0, world), gather_rows(x1, world)  # (world * B, C, H, W): the global batch
+    x1 = x1[ot_pairing(x0, x1)]  # x0[i] is paired with x1[i]
+    if resample:  # B draws with replacement from the global plan, as torchcfm (see ot_pairing)
+        idx = torch.randint(x0.shape[0], (B,), device=x0.device)  # uniform over the global batch's pairs
+        return x0[idx], x1[idx]
+    return x0[rank * B:(rank + 1) * B], x1[rank * B:(rank + 1) * B]
+
+
 def conditional_path(x0, x1, t, sigma: float = 0.0, eps=None):
     """x_t = t x1 + (1 - t) x0 + sigma eps and its velocity u_t = x1 - x0 (Tong et al., I-CFM / OT-CFM path)."""
     tb = t.reshape(-1, *[1] * (x1.dim() - 1))  # (B, 1, 1, 1)
@@ -420,103 +466,160 @@ def _compiled(module: nn.Module, enabled: bool):
     return run
 
 
+def _moved(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """net with its tensors on device, the 4-D ones (convolution weights) NHWC in memory when channels_last
+    (faster convolutions on CUDA, the same values). This is net.to(device, memory_format=torch.channels_last)
+    written out: like Module.to it sets each tensor's .data, but Module.to refuses the FakeTensor parameters
+    of the CUDA-path tests (tests/test_cuda_path.py builds the paper model on fake CUDA tensors)."""
+    with torch.no_grad():
+        for p in [*net.parameters(), *net.buffers()]:
+            nhwc = channels_last and p.dim() == 4
+            p.data = p.data.to(device, memory_format=torch.channels_last if nhwc else torch.preserve_format)
+    return net
+
+
 class Model:
     """OT-CFM: the U-Net, its EMA copy, Adam, and the step counter that drives the warm-up."""
 
     def __init__(self, cfg: Config, device):
         self.cfg, self.device = cfg, torch.device(device)
-        self.net = UNet(cfg).to(self.device)
+        on_cuda = self.device.type == "cuda"  # resolves the "auto" choices below, and nothing else
+        self.amp = "bf16" if cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda) else "fp32"
+        self.channels_last = cfg.channels_last == "true" or (cfg.channels_last == "auto" and on_cuda)
+        self.fused_adam = cfg.fused_adam == "true" or (cfg.fused_adam == "auto" and on_cuda)
+        self.net = _moved(UNet(cfg), self.device, self.channels_last)  # before Adam: its moments copy the layout
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=self.device.type == "cuda")
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=self.fused_adam)
         self.step, self.nfe = 0, 0
-        self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         train_net = self.net
-        if torch.distributed.is_initialized():  # each rank pairs and trains on its own cfg.batch // world images
-            ids = [self.device.index] if self.device.type == "cuda" else None
+        if torch.distributed.is_initialized():  # the OT pairing still runs over the global batch (ot_pairs)
+            ids = None if self.device.index is None else [self.device.index]
             train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         self.train_fn = _compiled(train_net, cfg.compile)
         self.sample_fns = {False: _compiled(self.net, cfg.compile), True: _compiled(self.ema, cfg.compile)}
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+    @property
+    def profile(self) -> dict:
+        """The resolved engineering choices (retrain.py prints them at start)."""
+        return {"amp": self.amp, "channels_last": self.channels_last, "fused_adam": self.fused_adam,
+                "compile": self.cfg.compile}
+
+    def _autocast(self, enabled: bool = True):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled and self.amp == "bf16")
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) as the network takes it: NHWC in memory when channels_last (the same values)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def loss(self, x1: torch.Tensor) -> torch.Tensor:
         """The OT-CFM loss of a data batch x1 (B, C, H, W) in [-1, 1]: mean (v(t, x_t) - u_t)^2 over all elements
-        (Tong et al.'s conditional flow matching objective, with (x0, x1) drawn from the minibatch OT plan)."""
+        (Tong et al.'s conditional flow matching objective, with (x0, x1) drawn from the minibatch OT plan).
+
+        Under torchrun x1 is this process's share of the global batch; the OT plan is solved over the global
+        batch all the same (see ot_pairs), so training does not depend on the number of processes."""
         cfg = self.cfg
         x0 = torch.randn_like(x1)  # (B, C, H, W) noise
         if cfg.ot:
-            x1 = x1[ot_pairing(x0, x1)]  # x0[i] is paired with x1[i]
-            if cfg.ot_resample:  # B draws with replacement from the plan, as torchcfm (see ot_pairing)
-                idx = torch.randint(len(x0), (len(x0),), device=x0.device)
-                x0, x1 = x0[idx], x1[idx]
+            x0, x1 = ot_pairs(x0, x1, cfg.ot_resample)  # x0[i] is paired with x1[i]
         t = torch.rand(len(x1), device=x1.device)  # (B,) uniform on [0, 1]
         eps = torch.randn_like(x1) if cfg.sigma > 0 else None
         xt, ut = conditional_path(x0, x1, t, cfg.sigma, eps)
         with self._autocast():
-            v = self.train_fn(t, xt)
+            v = self.train_fn(t, self._input(xt))
         return (v.float() - ut).square().mean()
 
-    def train_step(self, x: torch.Tensor) -> float:
-        cfg = self.cfg
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on x (B, C, H, W) in [-1, 1]. Returns the loss (this process's mean) as a detached
+        0-dim float32 tensor on the model's device: nothing here waits for the device (retrain.py reads the loss
+        every few steps). One exception is inherent to exact OT: the cost matrix goes to scipy on the host."""
         self.net.train()
         loss = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self._update(x.shape[0] * world)
+        return loss.detach()
+
+    def _update(self, batch: int) -> None:
+        """Everything after backward: gradient clipping, the lr warm-up, Adam, the EMA, the counter, in a number of
+        kernels that does not grow with the number of parameter tensors (foreach clipping and EMA; Adam when
+        fused_adam). batch = images in this step over all processes (unused here: the warm-up and the EMA count
+        optimizer steps, as torchcfm)."""
+        cfg = self.cfg
+        params = list(self.net.parameters())
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         # warm-up: update k (counted from 0) uses lr * min(k, W) / W, so the very first update uses lr 0
         warm = min(self.step, cfg.warmup_steps) / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * warm
         self.opt.step()
-        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * net, every step
-            ema, net = list(self.ema.state_dict().values()), list(self.net.state_dict().values())
-            torch._foreach_lerp_(ema, net, 1 - cfg.ema_decay)
+        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * net, every step; buffers (none today) copied
+            torch._foreach_lerp_(list(self.ema.parameters()), params, 1 - cfg.ema_decay)
+            ema_buffers = list(self.ema.buffers())
+            if ema_buffers:
+                torch._foreach_copy_(ema_buffers, list(self.net.buffers()))
         self.step += 1
-        return loss.item()
 
     def generate(self, seeds: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; image i starts from noise seeded by seeds[i] alone.
 
         With the fixed-step samplers image i depends only on seeds[i]. dopri5 chooses one step-size sequence
         for the whole call (its error norm runs over the batch, as in torchcfm's and the paper's sampling), so
-        there an image also depends on the others in its call, at the level of the tolerances rtol / atol."""
+        there an image also depends on the others in its call, at the level of the tolerances rtol / atol.
+        dopri5 runs the network in float32 whatever cfg.amp says (see Config.amp); the others under amp."""
         cfg = self.cfg
         net = self.ema if cfg.sample_ema else self.net
         net.eval()
         fn = self.sample_fns[cfg.sample_ema]
+        amp = cfg.sampler != "dopri5"
         shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
         with torch.inference_mode():
             x0 = torch.stack([torch.randn(shape, generator=torch.Generator(self.device).manual_seed(int(s)),
                                           device=self.device) for s in seeds])  # (N, C, H, W) float32
 
             def f(t, x):
-                with self._autocast():
-                    return fn(t, x).float()  # the ODE state stays float32
+                with self._autocast(enabled=amp):
+                    return fn(t, self._input(x)).float()  # the ODE state stays float32
 
             x, self.nfe = SAMPLERS[cfg.sampler](f, x0, cfg)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1).contiguous()
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "step": self.step}
 
+    def _load_adam_state(self, state: dict) -> None:
+        """Adam's per-parameter state (moments, step; keyed by parameter index) into this optimizer under its own
+        param_groups: lr, betas, eps and fused stay this Config's. Each moment then takes its parameter's memory
+        layout: a file saved from NCHW weights holds NCHW moments, which CUDA's fused Adam refuses next to
+        channels_last parameters (empty_like keeps the parameter's strides)."""
+        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+        for p, s in self.opt.state.items():
+            for k, v in s.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    s[k] = torch.empty_like(p).copy_(v)
+
     def load_state_dict(self, d: dict) -> None:
         self.net.load_state_dict(d["net"])
         self.ema.load_state_dict(d["ema"])
-        self.opt.load_state_dict(d["opt"])
+        self._load_adam_state(d["opt"]["state"])
         self.step = int(d["step"])
 
     def load_pretrained(self, path: str) -> None:
         """torchcfm's checkpoint: net_model -> net, ema_model -> EMA (either one for both if only one is there),
-        Adam's state when it fits (as Bertrand et al. resume it), and a step counter past the warm-up."""
+        Adam's moments when they fit (as Bertrand et al. resume it; its lr and options stay this Config's), and
+        a step counter past the warm-up."""
         ckpt = read_official(path)
         net_sd = ckpt.get("net_model", ckpt.get("ema_model"))
         self.net.load_state_dict(net_sd)
         self.ema.load_state_dict(ckpt.get("ema_model", net_sd))
         if "optim" in ckpt:
-            try:
-                self.opt.load_state_dict(ckpt["optim"])
-            except (ValueError, KeyError) as e:
-                warnings.warn(f"optimizer state of '{path}' does not fit ({e}); starting Adam afresh")
+            adam, params = ckpt["optim"], list(self.net.parameters())  # torchcfm registers them in this order
+            groups = adam.get("param_groups", [])
+            fits = len(groups) == 1 and groups[0]["params"] == list(range(len(params))) and all(
+                "exp_avg" in s and s["exp_avg"].shape == params[i].shape for i, s in adam.get("state", {}).items())
+            if fits:
+                self._load_adam_state(adam["state"])
+            else:
+                warnings.warn(f"optimizer state of '{path}' does not fit this network; starting Adam afresh")
         self.step = max(int(ckpt.get("step", 0)) + 1, self.cfg.warmup_steps)  # file's step = last update index

@@ -38,6 +38,7 @@ The model interface (ddpm.py, edm.py, otcfm.py and gaussian.py all implement it;
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -153,26 +154,41 @@ def train_seed(seed: int, it: int) -> int:
 # Distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; otherwise a single process
 
 
+def enable_tf32() -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (training only: fid.py turns them off for
+    its exact features). Through the long-standing switches, so that torch.get_float32_matmul_precision() and
+    torch.backends.cuda.matmul.allow_tf32 stay readable for torch.compile and other libraries; the
+    fp32_precision attributes would make those reads raise ("mix of the legacy and new APIs")."""
+    torch.set_float32_matmul_precision("high")  # = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def setup_device(name: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); on CUDA, TF32 matmuls and convolutions for training (fid.py turns TF32
-    off for its own exact float32 features)."""
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+    """(rank, world size, device); on CUDA also TF32 (enable_tf32) and cuDNN's autotuner (the batch shapes
+    repeat, so the fastest convolution algorithm is searched once per shape)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and name != "cpu"
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            return dist.get_rank(), world, torch.device("cuda", torch.cuda.current_device())
-        return dist.get_rank(), world, torch.device("cpu")
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"device '{name}' is not usable here ({str(e).splitlines()[0]})") from None
-    return 0, 1, device
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        rank = dist.get_rank()
+    else:
+        if name is None:
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(name)
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise UserError(f"device '{name}' is not usable here ({str(e).splitlines()[0]})") from None
+        rank = 0
+    if device.type == "cuda":
+        enable_tf32()
+        torch.backends.cudnn.benchmark = True
+    return rank, world, device
 
 
 def rank_world() -> tuple[int, int]:
@@ -184,6 +200,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def on_every_rank():
+    """A block that may fail on some processes only (a file missing on one machine, rank 0's reference cache,
+    rank 0's metrics): when it fails anywhere, every process raises the same one-line error, instead of
+    the others waiting in their next collective until the NCCL timeout. Also a barrier."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = str(e)
+    except Exception as e:  # a bug, not the user's input: its traceback on this rank, its line on every rank
+        import traceback
+
+        traceback.print_exc()
+        error = f"rank {rank_world()[0]}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training, sampling, evaluation
 
@@ -193,8 +232,34 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
+LOSS_EVERY = 25  # training steps between reads of the loss: the one host synchronisation of the training loop
+
+
+def batch_plan(n: int, batch: int, steps: int, gen: torch.Generator, device):
+    """The training batches as blocks of LOSS_EVERY steps, each one copy to the device: (indices (k, batch),
+    flips (k, batch)). Epoch by epoch without replacement; the same on every rank (gen is shared)."""
+    order, pos = torch.randperm(n, generator=gen), 0
+    for first in range(0, steps, LOSS_EVERY):
+        idx, flips = [], []
+        for _ in range(min(LOSS_EVERY, steps - first)):
+            take = []  # this step's indices, continuing into the next epoch when this one runs out
+            while sum(map(len, take)) < batch:
+                if pos == n:
+                    order, pos = torch.randperm(n, generator=gen), 0
+                k = min(batch - sum(map(len, take)), n - pos)
+                take.append(order[pos:pos + k])
+                pos += k
+            idx.append(torch.cat(take))
+            flips.append(torch.rand(batch, generator=gen) < 0.5)
+        yield torch.stack(idx).to(device), torch.stack(flips).to(device)
+
+
 def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, progress: bool, desc: str) -> dict:
-    """Train `model` on `train_set` (uint8 images, or float vectors) for `kimg` thousand images seen."""
+    """Train `model` on `train_set` (uint8 images, or float vectors) for `kimg` thousand images seen.
+
+    Under torchrun each rank trains on its slice of the same global batch. The step itself never waits
+    for the device: the loss stays there and is read (averaged over ranks, checked finite) every
+    LOSS_EVERY steps."""
     if hasattr(model, "fit"):  # closed form (gaussian.py): one fit on the whole set
         model.fit(train_set.float() / 127.5 - 1 if train_set.dtype == torch.uint8 else train_set)
         return {"steps": 0}
@@ -202,31 +267,33 @@ def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, 
     torch.manual_seed(train_seed(seed, it) + rank)  # the model's noise, t, sigma, dropout
     gen = torch.Generator().manual_seed(train_seed(seed, it))  # batch indices and flips: the same on every rank
     steps = max(1, round(kimg * 1000 / cfg.batch))
-    per_rank = cfg.batch // world
-    order, pos, losses, t0 = torch.randperm(len(train_set), generator=gen), 0, [], time.time()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for step in bar:
-        idx = torch.zeros(0, dtype=torch.int64)  # cfg.batch indices, epoch by epoch without replacement
-        while len(idx) < cfg.batch:
-            if pos == len(order):
-                order, pos = torch.randperm(len(train_set), generator=gen), 0
-            take = min(cfg.batch - len(idx), len(order) - pos)
-            idx, pos = torch.cat([idx, order[pos:pos + take]]), pos + take
-        flip = torch.rand(cfg.batch, generator=gen) < 0.5
-        idx, flip = idx[rank * per_rank:(rank + 1) * per_rank], flip[rank * per_rank:(rank + 1) * per_rank]
-        x = train_set[idx.to(train_set.device)].float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
-        if cfg.xflip:
-            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-        loss = model.train_step(x)
-        if not math.isfinite(loss):
-            raise UserError(f"non-finite loss ({loss}) at step {step} of iteration {it}; stopped, "
+    mine = slice(rank * (cfg.batch // world), (rank + 1) * (cfg.batch // world))
+    total, t0 = 0.0, time.time()
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for first, (idx, flips) in zip(range(0, steps, LOSS_EVERY), batch_plan(len(train_set), cfg.batch, steps, gen,
+                                                                            train_set.device)):
+        losses = []
+        for j in range(len(idx)):
+            x = train_set[idx[j, mine]].float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
+            if cfg.xflip:
+                x = torch.where(flips[j, mine, None, None, None], x.flip(3), x)
+            losses.append(model.train_step(x))  # 0-dim tensors on the device
+        window = torch.stack(losses).double().sum()
+        if world > 1:
+            dist.all_reduce(window)
+        window = window.item() / world  # the host waits here, once per LOSS_EVERY steps
+        if not math.isfinite(window):
+            raise UserError(f"non-finite loss in steps {first}-{first + len(idx) - 1} of iteration {it}; stopped, "
                             "the last good checkpoint is kept (lower the learning rate or use --set amp=fp32)")
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if it == 0 and step == 4 and rank == 0:
-            per_step = (time.time() - t0) / 5
-            tqdm.write(f"  pretraining: {per_step:.2f} s/step x {steps} steps ~ {per_step * steps / 60:.1f} min")
-    return {"steps": steps, "loss": float(np.mean(losses))}
+        total += window
+        bar.update(len(idx))
+        bar.set_postfix(loss=f"{window / len(idx):.4f}", refresh=False)
+        if it == 0 and first == 0 and rank == 0 and steps > LOSS_EVERY:
+            per_step = (time.time() - t0) / len(idx)
+            tqdm.write(f"  pretraining: {per_step:.3f} s/step x {steps} steps ~ {per_step * steps / 60:.1f} min "
+                       f"(measured over the first {len(idx)} steps)")
+    bar.close()
+    return {"steps": steps, "loss": total / steps}
 
 
 def sample(model, n: int, seed: int, it: int, chunk: int, is_image: bool, progress: bool) -> torch.Tensor:
@@ -284,23 +351,34 @@ class Evaluator:
             self.real_feats = self.features(real)
             self.real_stats = fid.feature_stats(self.real_feats)
 
-    def features(self, x: torch.Tensor) -> np.ndarray:
+    def features(self, x: torch.Tensor) -> np.ndarray | None:
+        """Features of x on rank 0 (None on the others). Inception: each rank extracts its share, and rank 0
+        gathers them as one tensor (float32, which the features are, padded to the largest share)."""
         if self.net is None:
             return fid.pixel_features(x) if x.dtype == torch.uint8 else x.reshape(len(x), -1).numpy().astype(np.float64)
         rank, world = rank_world()
-        f = fid.inception_features(torch.tensor_split(x, world)[rank], self.net, device=self.device, progress=self.progress)
-        if world > 1:
-            parts = [None] * world
-            dist.all_gather_object(parts, f)
-            f = np.concatenate(parts)
-        return f
+        shares = torch.tensor_split(x, world)
+        f = fid.inception_features(shares[rank], self.net, device=self.device, progress=self.progress)
+        if world == 1:
+            return f
+        size = len(shares[0])  # tensor_split: the first share is the largest
+        mine = torch.zeros(size, f.shape[1], dtype=torch.float32, device=self.device)
+        mine[:len(f)] = torch.from_numpy(f).to(self.device, torch.float32)
+        parts = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
+        dist.gather(mine, parts, dst=0)
+        if rank != 0:
+            return None
+        return torch.cat([p[:len(s)] for p, s in zip(parts, shares)]).cpu().double().numpy()
 
     def __call__(self, fake: torch.Tensor) -> dict:
-        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
+        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features). The
+        Frechet distance's matrix square root from symmetric eigenvalues: on a GPU with torch (a second for
+        Inception's 2048 dimensions, where scipy's sqrtm takes ~40 CPU-s), on a CPU with LAPACK."""
         f = self.features(fake) if self.main or self.net is not None else None
         if not self.main:
             return {}
-        fd = fid.frechet_distance(*fid.feature_stats(f), *self.real_stats)
+        fd = fid.frechet_distance(*fid.feature_stats(f), *self.real_stats, method="eigh",
+                                  device=self.device if self.device.type == "cuda" else None)
         precision, recall = fid.precision_recall(self.real_feats[:self.n_eval], f, k=3, device=self.device)
         return {"fid" if self.kind == "inception" else "fd": fd, "precision": precision, "recall": recall,
                 "features": self.kind}
@@ -451,8 +529,9 @@ def check_same(old: dict, new: dict, out: str) -> None:
 # The loop
 
 
-def load_init(args, s: dict, model, real: torch.Tensor) -> str:
-    """--init into `model`: a retrain.py checkpoint, a released checkpoint file, or 'official' (downloaded)."""
+def init_path(args, s: dict, real: torch.Tensor) -> str:
+    """The file that --init names; for 'official', the released checkpoint, downloaded by rank 0 into the torch
+    hub cache when it is not there (run inside on_every_rank, whose end the other ranks wait at)."""
     path = args.init
     if path == "official":
         key = dataset_name(s["data"], real)
@@ -467,7 +546,11 @@ def load_init(args, s: dict, model, real: torch.Tensor) -> str:
                 torch.hub.download_url_to_file(url, path)
             except Exception as e:
                 raise UserError(f"could not download {url} ({e}); download it by hand and pass --init PATH") from None
-        barrier()  # the other ranks wait for rank 0's download
+    return path
+
+
+def load_init(args, model, path: str) -> str:
+    """The --init file into `model`: a retrain.py checkpoint, or a released checkpoint file."""
     if not os.path.isfile(path):
         raise UserError(f"--init '{path}' not found: give a checkpoint file or 'official'")
     try:  # torch.save files are zips; anything else (EDM's .pkl) goes to the model's own loader
@@ -493,15 +576,12 @@ def pretrain(args, model, real: torch.Tensor, cfg, progress: bool) -> str:
     return "pretrain " + json.dumps(train(model, real, kimg, cfg, args.seed, 0, progress, "pretrain"))
 
 
-def run(args) -> None:
-    rank, world, device = setup_device(args.device)
-    main_rank = rank == 0
-    progress = main_rank and not args.no_progress
+def prepare(args, world: int, device: torch.device) -> dict:
+    """Settings, real data, the model's Config, config.json's content and the run folder, all validated
+    before anything is written."""
     s = resolve(args, device)
     real, truth = load_real(args, s["data"])
-    is_image = real.dtype == torch.uint8
-    n = len(real)
-    module = s["module"]
+    is_image, n, module = real.dtype == torch.uint8, len(real), s["module"]
     shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
     if is_image and real.shape[-2] != real.shape[-1]:
         raise UserError(f"images are {real.shape[-2]}x{real.shape[-1]}; the models need square images")
@@ -518,13 +598,9 @@ def run(args) -> None:
         raise UserError(str(e)) from None
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "kimg", 0)
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
-    lams = s["lams"]
-    n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
-    n_gen = {lam: max(n_eval, n_synth[lam]) for lam in lams}
-
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(s['data'].rstrip('/'))}")
     config = {"model": args.model, "preset": s["preset"], "data": s["data"], "n_real": n, "n_eval": n_eval,
-              "lams": [lam_label(lam) for lam in lams], "iters": args.iters, "kimg": kimg, "seed": args.seed,
+              "lams": [lam_label(lam) for lam in s["lams"]], "iters": args.iters, "kimg": kimg, "seed": args.seed,
               "init": args.init, "metrics": args.metrics, "world_size": world, "device": device.type,
               "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
@@ -534,13 +610,34 @@ def run(args) -> None:
             check_same(json.load(f), json.loads(json.dumps(config)), out)
     elif os.path.exists(out) and os.listdir(out) and not args.force:
         raise UserError(f"run folder '{out}' exists; add --resume to continue it or --force to start over")
+    return {"s": s, "real": real, "truth": truth, "cfg": cfg, "config": config, "out": out}
 
-    torch.manual_seed(args.seed)  # the network's initial weights: the same on every rank and in every run
-    model = module.Model(cfg, device)
-    real = real.to(device) if is_image else real
+
+def run(args) -> None:
+    rank, world, device = setup_device(args.device)
+    main_rank = rank == 0
+    progress = main_rank and not args.no_progress
+    with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
+        settings = prepare(args, world, device)
+    s, real, truth, cfg, config, out = (settings[k] for k in ("s", "real", "truth", "cfg", "config", "out"))
+    module, lams, kimg, n_eval = s["module"], s["lams"], config["kimg"], config["n_eval"]
+    is_image, n = real.dtype == torch.uint8, len(real)
+    n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
+    n_gen = {lam: max(n_eval, n_synth[lam]) for lam in lams}
+    config_path = os.path.join(out, "config.json")
+
+    with on_every_rank():
+        torch.manual_seed(args.seed)  # the network's initial weights: the same on every rank and in every run
+        model = module.Model(cfg, device)
+        real = real.to(device) if is_image else real
     ckpt0_path = os.path.join(out, "iter0.pt")
     keep = args.resume or not args.force  # --force without --resume starts over
-    how = load_init(args, s, model, real) if args.init and not (keep and os.path.exists(ckpt0_path)) else None
+    how = None
+    if args.init and not (keep and os.path.exists(ckpt0_path)):
+        with on_every_rank():  # rank 0 downloads 'official'; the others wait at the end of the block
+            path = init_path(args, s, real)
+        with on_every_rank():
+            how = load_init(args, model, path)
     if dataclasses.asdict(cfg) != config["model_config"]:  # the released file set some fields (EDM: its preconditioning)
         config["model_config_after_init"] = dataclasses.asdict(cfg)
     if main_rank:
@@ -551,14 +648,19 @@ def run(args) -> None:
         print(f"retrain.py: {args.model} ({s['preset']}) on {s['data']}: n={n} real, lam={', '.join(config['lams'])}, "
               f"{args.iters} iterations of {kimg:g} kimg, {n_eval} samples evaluated per iteration, device {device}"
               + (f" x {world} processes" if world > 1 else "") + f" -> {out}")
+        if hasattr(model, "profile"):
+            print("retrain.py: " + ", ".join(f"{k} {v}" for k, v in model.profile.items())
+                  + f", {torch.get_num_threads()} CPU threads" + (", TF32 matmuls" if device.type == "cuda" else ""))
     barrier()  # the run folder is ready before any rank looks into it
-    evaluate = Evaluator(real.cpu() if is_image else real, args.metrics, args.inception, n_eval, device, progress,
-                         cache=os.path.join(out, "real-features.npz"))
+    with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
+        evaluate = Evaluator(real.cpu() if is_image else real, args.metrics, args.inception, n_eval, device, progress,
+                             cache=os.path.join(out, "real-features.npz"))
 
     def record(it, lam, seconds, samples, extra) -> dict:
         r = {"iter": it, "lam": lam_label(lam), "n_real": 0 if math.isinf(lam) and it > 0 else n,
              "n_synth": 0 if it == 0 else n_synth[lam], "seconds": round(seconds, 2), **extra}
-        r.update(evaluate(samples[:n_eval]))
+        with on_every_rank():  # rank 0 computes the metrics
+            r.update(evaluate(samples[:n_eval]))
         if truth is not None:
             import gaussian
 
@@ -649,11 +751,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("retrain.py: interrupted; rerun with --resume to continue after the last completed iteration", file=sys.stderr)
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if dist.is_initialized():  # under torchrun: leave without tearing the process group down, since another rank
+        sys.stdout.flush()     # may have exited already, and gloo's teardown then aborts this process
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,5 +1,6 @@
 """Tests of ddpm.py: the U-Net against tqch/ddpm-torch fixtures, the diffusion formulas, the samplers,
-training, mixed precision, and the Model interface.  Run: python -m pytest tests/test_ddpm.py"""
+training, mixed precision, the Model interface, and the CUDA profile (bf16, channels_last, fused Adam,
+no host sync, per-image noise in blocks) run on the CPU.  Run: python -m pytest tests/test_ddpm.py"""
 
 import dataclasses
 import json
@@ -7,11 +8,10 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm
 from shared_fixtures import fixture
-
-
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +368,242 @@ def test_load_pretrained(small, tmp_path):
     torch.save(ckpt, tmp_path / "other_opt.pt")
     with pytest.warns(UserWarning, match="optimizer state does not fit"):
         ddpm.Model(cfg, "cpu").load_pretrained(str(tmp_path / "other_opt.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA path, run on the CPU: every device-dependent choice is a Config field
+
+
+CUDA_PROFILE = dict(amp="bf16", channels_last="true", fused_adam="true")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators that run, by name (views excluded: they launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            name = str(func.overloadpacket)
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_engineering_fields_validate_and_resolve():
+    """The "auto" settings resolve against the device, "true" / "false" (or Python bools) force the choice on any
+    device, and anything else is refused by name. Catches choices keyed on the device type instead of the Config."""
+    assert ddpm.Model(tiny_config(), "cpu").profile == {"amp": "fp32", "channels_last": False, "fused_adam": False,
+                                                         "compile": False}
+    model = ddpm.Model(tiny_config(**CUDA_PROFILE), "cpu")
+    assert model.profile == {"amp": "bf16", "channels_last": True, "fused_adam": True, "compile": False}
+    assert model.opt.param_groups[0]["fused"] is True
+    assert ddpm.make_config("small", channels_last=True, fused_adam=False).channels_last == "true"
+    assert ddpm.make_config("small", fused_adam=False).fused_adam == "false"
+    for field in ("channels_last", "fused_adam"):
+        with pytest.raises(ValueError, match=f"{field} 'yes': choose auto, true or false"):
+            ddpm.make_config("small", **{field: "yes"})
+    with pytest.raises(ValueError, match="amp 'fp16'"):
+        ddpm.make_config("small", amp="fp16")
+
+
+def test_channels_last_profile_runs_nhwc_and_fused_attention_follows_amp():
+    """channels_last="true" on the CPU: net and EMA weights NHWC, and the network's inputs NHWC in training and
+    sampling; the fused attention kernel is on in bf16 and off in fp32, whatever the device. Catches the
+    layout and the attention kernel keyed on the device type (they were: `device.type == "cuda"`, `x.is_cuda`)."""
+    cfg = tiny_config(**CUDA_PROFILE, apply_attn=(False, True), sample_steps=2)
+    model = ddpm.Model(cfg, "cpu")
+    for net in (model.net, model.ema):
+        convs = [p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]  # 3x3, C > 1
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                             for p in convs)
+    inputs = []
+    for net in (model.net, model.ema):
+        net.in_conv.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model.train_step(x)
+    model.generate(torch.tensor([1, 2]))
+    assert len(inputs) == 3 and all(i.is_contiguous(memory_format=torch.channels_last) for i in inputs)
+    for amp, fused in (("bf16", 4), ("fp32", 0)):  # 4 attention blocks: 3 at 4x4 (1 down, 2 up), 1 in the middle
+        with OpCounter() as counter:
+            ddpm.Model(dataclasses.replace(cfg, amp=amp), "cpu").generate(torch.tensor([1]))
+        assert sum(k for name, k in counter.ops.items() if "scaled_dot_product" in name) == 2 * fused, amp
+
+
+def test_train_step_returns_the_loss_on_the_device_without_host_sync():
+    """train_step returns the detached 0-dim float32 loss tensor and reads nothing back to the host in the way
+    (no .item(), bool(t), ...). Catches `return loss.item()`: one host sync per step on a GPU."""
+    model = ddpm.Model(tiny_config(**CUDA_PROFILE), "cpu")
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    with OpCounter() as counter:
+        losses = [model.train_step(x) for _ in range(3)]
+    syncs = {k: n for k, n in counter.ops.items() if k in ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal")}
+    assert syncs == {}
+    assert all(torch.is_tensor(l) and l.dim() == 0 and l.dtype == torch.float32 and not l.requires_grad
+               for l in losses)
+    assert model.step == 3
+
+
+def test_update_runs_a_fixed_number_of_operators():
+    """_update (clipping, lr, Adam, EMA) runs as many operators for a network with twice the parameter tensors.
+    Catches per-tensor loops: clip_grad_norm_(foreach=False), an unfused Adam, a per-parameter EMA. Counted at
+    the second step: Adam creates its moments lazily, one tensor each, at the first."""
+    counts = []
+    for blocks in (1, 2):
+        model = ddpm.Model(tiny_config(**CUDA_PROFILE, num_res_blocks=blocks), "cpu")
+        x = torch.rand(4, 1, 8, 8) * 2 - 1
+        model.train_step(x)
+        update, counter = model._update, OpCounter()
+
+        def counted(batch):
+            with counter:
+                return update(batch)
+
+        model._update = counted
+        model.train_step(x)
+        counts.append((len(list(model.net.parameters())), sum(counter.ops.values())))
+    (n1, ops1), (n2, ops2) = counts
+    assert n2 > n1 + 10 and ops1 == ops2 < 30, counts
+
+
+def assert_moments_like_params(model):
+    """Every Adam moment has exactly its parameter's strides (CUDA's fused Adam refuses any other layout)."""
+    params = list(model.net.parameters())
+    assert len(model.opt.state) == len(params)
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert model.opt.state[p][key].stride() == p.stride(), (key, tuple(p.shape))
+
+
+def nchw_moments_differ(model):
+    """The test's premise: channels_last weights, whose NCHW moments would have other strides."""
+    return any(p.stride() != p.contiguous().stride() for p in model.net.parameters())
+
+
+def test_load_pretrained_gives_adam_moments_the_channels_last_layout(tmp_path):
+    """A tqch file's optimizer (saved from an NCHW model) loaded into the channels_last + fused Adam profile: the
+    moments take the parameters' NHWC layout and keep their values, and training goes on. Catches the moments
+    loaded in the file's NCHW layout: CUDA's fused Adam stops at the first step from the released checkpoint."""
+    cfg = tiny_config(**CUDA_PROFILE)
+    torch.manual_seed(0)
+    sd = ddpm.build_net(cfg).state_dict()
+    ckpt = tqch_checkpoint(cfg, sd, sd)
+    torch.save(ckpt, tmp_path / "c.pt")
+    model = ddpm.Model(cfg, "cpu")
+    model.load_pretrained(str(tmp_path / "c.pt"))
+    assert nchw_moments_differ(model)
+    assert_moments_like_params(model)
+    for i, p in enumerate(model.net.parameters()):
+        assert torch.equal(model.opt.state[p]["exp_avg"], ckpt["optimizer"]["state"][i]["exp_avg"])
+    assert torch.isfinite(model.train_step(torch.rand(4, 1, 8, 8) * 2 - 1))
+    assert_moments_like_params(model)
+
+
+def test_load_state_dict_gives_adam_moments_the_model_layout():
+    """A state saved by an NCHW model (a run begun on the CPU) loaded into the channels_last profile, and back:
+    the moments take each model's own layout. Catches the moments keeping the saved layout on load."""
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    nchw = ddpm.Model(tiny_config(channels_last="false"), "cpu")
+    nchw.train_step(x)
+    nhwc = ddpm.Model(tiny_config(**CUDA_PROFILE), "cpu")
+    nhwc.load_state_dict(nchw.state_dict())
+    assert nchw_moments_differ(nhwc)
+    assert_moments_like_params(nhwc)
+    nhwc.train_step(x)
+    back = ddpm.Model(tiny_config(channels_last="false"), "cpu")
+    back.load_state_dict(nhwc.state_dict())  # a GPU run resumed on the CPU
+    assert_moments_like_params(back)
+
+
+def test_resume_from_a_cpu_run_in_the_cuda_profile(tmp_path):
+    """A run begun in the CPU profile, saved to a file, resumed in the CUDA profile, saved, resumed again: every
+    load gives moments their parameter's layout and keeps this profile's fused Adam, and the resumed model steps
+    exactly as the one that saved it. Catches the moments keeping the file's layout across a resume, and the
+    saved run's Adam options (fused=False from the CPU) replacing this profile's."""
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    cpu_run = ddpm.Model(tiny_config(), "cpu")
+    cpu_run.train_step(x)
+    torch.save(cpu_run.state_dict(), tmp_path / "a.pt")
+    gpu_run = ddpm.Model(tiny_config(**CUDA_PROFILE), "cpu")
+    gpu_run.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
+    assert gpu_run.opt.param_groups[0]["fused"] is True  # this profile's Adam, not the saved run's
+    assert nchw_moments_differ(gpu_run)
+    assert_moments_like_params(gpu_run)
+    gpu_run.train_step(x)
+    torch.save(gpu_run.state_dict(), tmp_path / "b.pt")
+    resumed = ddpm.Model(tiny_config(**CUDA_PROFILE), "cpu")
+    resumed.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    assert_moments_like_params(resumed)
+    torch.manual_seed(1)
+    la = gpu_run.train_step(x)
+    torch.manual_seed(1)
+    lb = resumed.train_step(x)
+    assert torch.equal(la, lb)
+    assert all(torch.equal(p, q) for p, q in zip(gpu_run.net.parameters(), resumed.net.parameters()))
+
+
+def test_ancestral_sampler_gives_a_seed_the_same_image_alone_and_in_a_batch():
+    """DDPM ancestral sampling over 3 noise blocks (120 steps): seed 7 alone and among other seeds gives the same
+    image, and other seeds other images. Catches noise drawn for the whole batch at once (image i would then
+    depend on its position and on the other seeds)."""
+    torch.manual_seed(0)
+    model = ddpm.Model(tiny_config(sampler="ddpm", sample_steps=120, skip_schedule="uniform"), "cpu")
+    with torch.no_grad():  # a network whose output is not ~0 (the initial output layer has gain 1e-5)
+        model.ema.out_conv[2].weight.normal_(0, 0.05)
+    alone = model.generate(torch.tensor([7]))
+    batch = model.generate(torch.tensor([3, 7, 9, 4]))
+    assert model.nfe == 120
+    assert max_diff(alone[0], batch[1]) < 1e-5
+    assert min(max_diff(batch[1], batch[i]) for i in (0, 2, 3)) > 0.1
+
+
+def test_ancestral_noise_is_drawn_in_blocks_per_image():
+    """N images over S steps draw their noise with N randn calls per block of NOISE_BLOCK steps, each from the
+    image's own generator, in order. Catches one randn kernel per image per step (1000 x N at Ho's 1000 steps)."""
+    alphas_bar, n, steps = alphas_bar_paper(), 3, 120
+    x = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    noises = []
+
+    def eps_fn(x, t):  # zero eps: the noise added at each step can be read back from the state
+        return torch.zeros_like(x)
+
+    with OpCounter() as counter:
+        ddpm.ddpm_sampler(eps_fn, x, alphas_bar, torch.arange(steps), gens)
+    randn = sum(k for name, k in counter.ops.items() if name.startswith("aten.randn"))
+    assert randn == n * math.ceil((steps - 1) / ddpm.NOISE_BLOCK) == 9
+    for s in range(n):  # the draws image s gets: its generator's first (50, ...), then (50, ...), then (19, ...)
+        g = torch.Generator().manual_seed(s)
+        noises.append(torch.cat([torch.randn(k, 1, 4, 4, generator=g) for k in (50, 50, 19)]))
+    got = list(ddpm.noise_blocks([torch.Generator().manual_seed(s) for s in range(n)], (1, 4, 4), steps - 1, "cpu"))
+    assert len(got) == steps - 1
+    assert torch.equal(torch.stack(got, 1), torch.stack(noises))  # (N, S - 1, 1, 4, 4)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available", "ignore:Accessing the data pointer of FakeTensor")
+def test_paper_model_builds_and_steps_on_fake_cuda_tensors():
+    """The paper preset in the CUDA profile on FakeTensor CUDA tensors (no GPU, nothing computed): the model
+    builds, the loss and a step of each sampler run on cuda, without mixing devices. Catches Module.to on fake
+    parameters (it cannot swap them) and per-step tensor reads in the samplers; the grid and abar are real
+    tensors read once on the host (inside the mode every new tensor is fake and has no values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = ddpm.make_config("paper", **CUDA_PROFILE)
+    grid = ddpm.time_grid(cfg.skip_schedule, 2, cfg.timesteps)
+    alphas_bar = torch.cumprod(1 - ddpm.linear_betas(cfg), 0)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda"):
+        model = ddpm.Model(cfg, "cuda")
+        assert all(p.device.type == "cuda" for p in model.net.parameters())
+        loss = model.loss(torch.rand(2, 3, 32, 32) * 2 - 1)
+        assert loss.device.type == "cuda" and loss.dim() == 0 and loss.dtype == torch.float32
+
+        def eps_fn(x, t):
+            with model._autocast():
+                return model.ema(model._input(x), torch.full((x.shape[0],), t, dtype=torch.long)).float()
+
+        x_T = torch.randn(2, 3, 32, 32)
+        for sampler in ("ddim", "ddpm"):
+            gens = [torch.Generator().manual_seed(s) for s in range(2)]
+            out = ddpm.SAMPLERS[sampler](eps_fn, x_T, alphas_bar, grid, gens)
+            assert out.shape == x_T.shape and out.device.type == "cuda"

@@ -15,6 +15,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import edm
 from shared_fixtures import fixture
@@ -420,7 +421,7 @@ def test_state_dict_round_trip_continues_training_identically():
     la = a.train_step(data)
     torch.manual_seed(5)
     lb = b.train_step(data)
-    assert la == lb
+    assert torch.equal(la, lb)
     for pa, pb in zip(a.net.parameters(), b.net.parameters()):
         assert torch.equal(pa, pb)
 
@@ -490,3 +491,245 @@ def test_distributed_training_keeps_plain_state_dict_keys(tmp_path):
         assert model.nimg == 32 and all(k.startswith("model.") for k in model.state_dict()["net"])
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA path, exercised on the CPU (../spec_cuda.md): speed profile, no host sync, fixed kernel count,
+# per-image noise in blocks, Adam moments in their parameter's layout
+
+
+CUDA_PROFILE = dict(amp="bf16", channels_last="true", fused_adam="true")
+
+
+class Ops(TorchDispatchMode):
+    """Records the aten operators that run, views excluded (they launch no kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+HOST_SYNCS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.item")
+
+
+def test_profile_fields_are_validated_and_resolved():
+    """Catches: a profile field missing or unvalidated, "auto" not resolved against the device, NHWC weights
+    missing on the network or its EMA, or fused Adam not honoured."""
+    for field, bad in (("amp", "fp16"), ("channels_last", "yes"), ("fused_adam", "on")):
+        with pytest.raises(ValueError, match=field):
+            edm.make_config("small", **{field: bad})
+    assert edm.make_config("small", channels_last=True, fused_adam=False).channels_last == "true"
+    assert edm.make_config("small", channels_last="false", fused_adam=True).fused_adam == "true"
+    assert small_model().profile == {"amp": "fp32", "channels_last": False, "fused_adam": False, "compile": False}
+    fast = small_model(**CUDA_PROFILE)
+    assert fast.profile == {"amp": "bf16", "channels_last": True, "fused_adam": True, "compile": False}
+    assert fast.net.use_bf16 and fast.ema.use_bf16 and fast.opt.param_groups[0]["fused"] is True
+    for p in [*fast.net.parameters(), *fast.ema.parameters()]:
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
+    conv = fast.net.model.dec["8x8_block0"].conv0.weight  # (16, 32, 3, 3): NHWC differs from NCHW
+    assert not conv.is_contiguous()
+    x = digits_like(8)
+    assert fast.net(x, torch.tensor(0.7)).shape == x.shape
+
+
+@pytest.mark.parametrize("precond", ["edm", "vp"])
+def test_every_parameter_gets_a_gradient_with_augment_inputs(precond, monkeypatch):
+    """Catches the DDP failure at the paper preset (augment_dim 9): training passed no augment labels, so
+    map_augment had no gradient and DistributedDataParallel stopped at the second step. Training now feeds zero
+    labels, which leave the output exactly as it was."""
+    torch.manual_seed(0)
+    model, x = small_model(augment_dim=9, precond=precond), digits_like(8)
+    perturb(model.net)
+    sigma = torch.linspace(0.1, 5.0, 8)  # one noise level per image, as in training
+    with torch.no_grad():
+        assert torch.equal(model.net(x, sigma), model.net(x, sigma, torch.zeros(8, 9)))
+    missing, update = [], model._update
+
+    def inspect(batch):  # the gradients as Adam is about to use them
+        missing.extend(n for n, p in model.net.named_parameters() if p.requires_grad and p.grad is None)
+        update(batch)
+
+    monkeypatch.setattr(model, "_update", inspect)
+    model.train_step(x)
+    assert model.step == 1 and missing == []
+
+
+def test_distributed_training_with_augment_inputs_takes_several_steps(tmp_path):
+    """Catches the same defect through DistributedDataParallel itself (one gloo process suffices): "Expected to
+    have finished reduction in the prior iteration" at the second step."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = small_model(augment_dim=9)
+        losses = torch.stack([model.train_step(digits_like(8)) for _ in range(3)])
+        assert model.step == 3 and bool(torch.isfinite(losses).all())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_step_returns_the_mean_loss_on_the_device_without_host_sync():
+    """Catches a train_step that reads the loss on the host (float(), .item(), an all_reduce of it) or any
+    other host sync, and a returned value other than this process's mean per-element loss."""
+    torch.manual_seed(0)
+    x = digits_like(8)
+    model = small_model(augment_dim=9, grad_clip=1.0, **CUDA_PROFILE)
+    with Ops() as ops:
+        loss = model.train_step(x)
+    assert [n for n in ops.names if n in HOST_SYNCS] == []
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and loss.device == model.device
+    assert not loss.requires_grad
+    plain = small_model()
+    torch.manual_seed(5)
+    plain.net.train()
+    with torch.no_grad():
+        want = edm.edm_loss(plain.net, x, plain.cfg).mean()
+    torch.manual_seed(5)
+    torch.testing.assert_close(plain.train_step(x), want)
+
+
+def test_update_runs_a_fixed_number_of_operators():
+    """Catches per-tensor loops after backward (nan_to_num, clipping, Adam, EMA lerp, buffer copies): _update
+    runs as many operators for a network with many more parameter tensors."""
+    counts = []
+    for blocks in (1, 2):
+        model = small_model(num_blocks=blocks, augment_dim=9, grad_clip=1.0, **CUDA_PROFILE)
+        model.train_step(digits_like(8))  # Adam allocates its state at the first step, one tensor at a time
+        update, ops = model._update, Ops()
+
+        def counted(batch):
+            with ops:
+                update(batch)
+
+        model._update = counted
+        model.train_step(digits_like(8))
+        counts.append((len(list(model.net.parameters())), len(ops.names)))
+    (n1, ops1), (n2, ops2) = counts
+    assert n2 > n1 + 10 and ops1 == ops2 < 30, counts
+
+
+@pytest.mark.parametrize("channels_last", ["false", "true"])
+def test_update_cleans_nan_and_inf_gradients(channels_last):
+    """Catches wrong values of EDM's gradient cleaning (nan -> 0, +inf -> 1e5, -inf -> -1e5) and, with NHWC
+    gradients, cleaned values written back to the wrong elements."""
+    model = small_model(channels_last=channels_last, fused_adam=channels_last)
+    g = torch.Generator().manual_seed(0)
+    for p in model.net.parameters():
+        p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=g))  # in p's layout, as autograd makes it
+    conv = model.net.model.dec["8x8_block0"].conv0.weight  # (16, 32, 3, 3)
+    bias = model.net.model.dec["8x8_block0"].conv0.bias
+    conv.grad[0, 1, 2, 0], conv.grad[3, 2, 1, 1], conv.grad[5, 0, 0, 2] = float("nan"), float("inf"), -float("inf")
+    bias.grad[4], bias.grad[7] = -float("inf"), float("nan")
+    want = {n: torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5) for n, p in model.net.named_parameters()}
+    assert want["model.dec.8x8_block0.conv0.weight"][3, 2, 1, 1] == 1e5
+    model._update(8)
+    for n, p in model.net.named_parameters():
+        assert torch.equal(p.grad, want[n]), n
+        assert bool(torch.isfinite(p).all()), n
+
+
+class _GaussianDenoiser:
+    """The ideal denoiser of N(0, s^2) data, D(x; sigma) = x s^2 / (s^2 + sigma^2); records the noise levels."""
+
+    def __init__(self, s=0.7):
+        self.s, self.sigmas = s, []
+
+    def __call__(self, x, sigma):
+        self.sigmas.append(sigma)
+        return x * self.s ** 2 / (self.s ** 2 + sigma ** 2)
+
+
+def test_sampler_passes_noise_levels_as_device_tensors_without_host_copies():
+    """Catches a noise level built from a Python number at every network call (torch.tensor(sigma, device=...):
+    a host-to-device copy per evaluation on CUDA), also inside the preconditioner."""
+    D = _GaussianDenoiser()
+    edm.heun_sampler(D, torch.randn(2, 1, 4, 4), edm.make_config("paper", num_steps=6))
+    assert len(D.sigmas) == 11 and all(s.dim() == 0 and s.dtype == torch.float64 for s in D.sigmas)
+    net = edm.build_denoiser(edm.make_config("small", model_channels=16, num_blocks=1)).eval()
+    with Ops() as ops, torch.no_grad():
+        edm.heun_sampler(net, torch.randn(2, 1, 8, 8), edm.make_config("paper", num_steps=6, S_churn=5.0))
+    assert "aten.lift_fresh" not in ops.names  # a tensor made from Python data
+    assert [n for n in ops.names if n in HOST_SYNCS] == []
+
+
+def test_churn_noise_comes_in_per_image_blocks(monkeypatch):
+    """Catches churn noise drawn per image per step (one kernel each), noise of one image drawn from another's
+    generator, and a misaligned block: against Algorithm 2 written out with each image's noise drawn as blocks
+    of NOISE_BLOCK steps, and the same seed alone or in a batch of 3."""
+    cfg = edm.make_config("paper", num_steps=edm.NOISE_BLOCK + 10, S_churn=40.0, S_min=0.05, S_max=50.0)
+    latents = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    draws, randn = [], torch.randn
+
+    def counting_randn(*args, **kwargs):
+        draws.append(kwargs.get("generator"))
+        return randn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", counting_randn)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 11, 5)]
+    many, _ = edm.heun_sampler(_GaussianDenoiser(), latents, cfg, gens)
+    monkeypatch.undo()
+    assert len(draws) == 2 * 3 and all(d is not None for d in draws)  # 2 blocks x 3 images
+    one, _ = edm.heun_sampler(_GaussianDenoiser(), latents[1:2], cfg, [torch.Generator().manual_seed(11)])
+    assert torch.equal(one[0], many[1])
+    # Algorithm 2 for image 1 with Python floats, its noise drawn as the blocks of 50 and 10 steps
+    gen = torch.Generator().manual_seed(11)
+    eps = torch.cat([torch.randn((k, 1, 4, 4), generator=gen, dtype=torch.float64) for k in (50, 10)])
+    t = edm.time_steps(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
+    D, x = _GaussianDenoiser(), latents[1].double() * t[0]
+    for i in range(cfg.num_steps):
+        gamma = min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1) if cfg.S_min <= t[i] <= cfg.S_max else 0.0
+        t_hat = t[i] * (1 + gamma)
+        x_hat = x + math.sqrt(t_hat ** 2 - t[i] ** 2) * eps[i]
+        d = (x_hat - D(x_hat, t_hat)) / t_hat
+        x = x_hat + (t[i + 1] - t_hat) * d
+        if i < cfg.num_steps - 1:
+            x = x_hat + (t[i + 1] - t_hat) * (0.5 * d + 0.5 * (x - D(x, t[i + 1])) / t[i + 1])
+    torch.testing.assert_close(many[1], x, rtol=1e-10, atol=1e-10)
+    cfg.S_churn = 0.0
+    assert (edm.heun_sampler(_GaussianDenoiser(), latents, cfg)[0][1] - x).abs().max() > 1e-2  # the noise matters
+
+
+def test_adam_moments_take_their_parameter_layout_on_load():
+    """Catches Adam moments kept in the checkpoint's layout: a state saved by an NCHW run (e.g. on a CPU) and
+    resumed with NHWC weights (CUDA's fused Adam refuses moments whose strides differ from the parameter's),
+    and the checkpoint's fused=False replacing this Config's fused Adam."""
+    torch.manual_seed(0)
+    nchw = small_model(channels_last="false", fused_adam="false")
+    nchw.train_step(digits_like(8))
+    buf = io.BytesIO()
+    torch.save(nchw.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    nhwc = small_model(**CUDA_PROFILE)
+    nhwc.load_state_dict(state)
+    assert nhwc.opt.param_groups[0]["fused"] is True
+    params = list(nhwc.net.parameters())
+    assert any(p.stride() != torch.empty(p.shape).stride() for p in params)  # some layouts do differ
+    for p, p_saved in zip(params, nchw.net.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            m = nhwc.opt.state[p][key]
+            assert m.stride() == p.stride(), key
+            assert torch.equal(m, nchw.opt.state[p_saved][key])
+    nhwc.train_step(digits_like(8))  # and a resumed step keeps them so
+    assert all(nhwc.opt.state[p][k].stride() == p.stride() for p in params for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # autocast("cuda") turns itself off: nothing computed
+def test_paper_model_builds_and_runs_on_fake_cuda_tensors():
+    """Catches a CUDA query or a CPU tensor in the paper model's construction, loss or sampler (FakeTensors on
+    device cuda: no GPU needed, nothing computed), and an EMA whose parameters live in another fake mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = edm.make_config("paper", **CUDA_PROFILE)
+    with FakeTensorMode(), torch.device("cuda"):
+        model = edm.Model(cfg, "cuda")
+        assert all(p.device.type == "cuda" for p in [*model.net.parameters(), *model.ema.parameters()])
+        loss = model.loss(torch.rand(2, 3, 32, 32) * 2 - 1)
+        assert loss.device.type == "cuda" and loss.dim() == 0
+        x, nfe = edm.heun_sampler(model.ema, torch.randn(2, 3, 32, 32), edm.make_config("paper", num_steps=2,
+                                                                                        S_churn=10.0))
+        assert x.shape == (2, 3, 32, 32) and x.device.type == "cuda" and nfe == 3

@@ -102,13 +102,17 @@ def test_pixel_features_scale_to_minus_one_one():
 # ----------------------------------------------------------------------------------------------------
 # Statistics and the Fréchet distance
 
+# the square-root methods: scipy's sqrtm (pytorch-fid), LAPACK's pivoted Cholesky + eigenvalues, and the same
+# trace from torch's eigh on a device (retrain.py's on a GPU; here on the CPU)
+METHODS = (("sqrtm", None), ("eigh", None), ("eigh", "cpu"))
+
 
 def test_fixture_stats_and_distance(inception_fixture):
     fx = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in inception_fixture.items()}
     mu_a, sigma_a = fid.feature_stats(fx["feats_a"])
     assert np.abs(mu_a - fx["mu_a"]).max() < 1e-12 and np.abs(sigma_a - fx["sigma_a"]).max() < 1e-12
-    for method in ("sqrtm", "eigh"):
-        d = fid.frechet_distance(fx["mu_a"], fx["sigma_a"], fx["mu_b"], fx["sigma_b"], method=method)
+    for method, device in METHODS:
+        d = fid.frechet_distance(fx["mu_a"], fx["sigma_a"], fx["mu_b"], fx["sigma_b"], method=method, device=device)
         assert abs(d - fx["fd_ab"]) < 1e-6
 
 
@@ -117,8 +121,9 @@ def test_distance_of_diagonal_gaussians():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     a, b = rng.uniform(0.5, 3, size=5), rng.uniform(0.5, 3, size=5)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    for method in ("sqrtm", "eigh"):
-        assert abs(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method) - expected) < 1e-10
+    for method, device in METHODS:
+        d = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method, device=device)
+        assert abs(d - expected) < 1e-10
 
 
 def test_distance_of_rotated_gaussians():
@@ -127,8 +132,9 @@ def test_distance_of_rotated_gaussians():
     q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
     a, b = rng.uniform(0.5, 3, size=6), rng.uniform(0.5, 3, size=6)
     expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    for method in ("sqrtm", "eigh"):
-        d = fid.frechet_distance(np.zeros(6), q @ np.diag(a) @ q.T, np.zeros(6), q @ np.diag(b) @ q.T, method=method)
+    for method, device in METHODS:
+        d = fid.frechet_distance(np.zeros(6), q @ np.diag(a) @ q.T, np.zeros(6), q @ np.diag(b) @ q.T, method=method,
+                                 device=device)
         assert abs(d - expected) < 1e-10
     # only one rotated (not commuting), 2-d: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S1 S2
     th = 0.7
@@ -136,9 +142,21 @@ def test_distance_of_rotated_gaussians():
     s1, s2 = np.diag([4.0, 1.0]), r @ np.diag([9.0, 0.25]) @ r.T
     m = s1 @ s2
     expected = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
-    for method in ("sqrtm", "eigh"):
-        assert abs(fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, method=method) - expected) < 1e-10
+    for method, device in METHODS:
+        assert abs(fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, method=method, device=device) - expected) < 1e-10
     assert abs(expected - (5.0 + 9.25 - 2 * (6.0 + 0.5))) > 0.1  # differs from the unrotated pair
+
+
+@pytest.mark.parametrize("n", [500, 40])  # full rank, and fewer samples than dimensions (singular covariances)
+def test_eigh_on_a_device_matches_scipy_sqrtm(n):
+    """The device path (torch eigh, float64) against pytorch-fid's scipy sqrtm on random correlated features."""
+    rng = np.random.default_rng(n)
+    mix = rng.normal(size=(64, 64))
+    mu1, s1 = fid.feature_stats(rng.normal(size=(n, 64)) @ mix)
+    mu2, s2 = fid.feature_stats(rng.normal(size=(n, 64)) @ (mix + 0.3 * rng.normal(size=(64, 64))) + 0.5)
+    ref = fid.frechet_distance(mu1, s1, mu2, s2, method="sqrtm")
+    got = fid.frechet_distance(mu1, s1, mu2, s2, method="eigh", device="cpu")
+    assert ref > 1 and abs(got - ref) < 1e-7 * ref
 
 
 def test_distance_to_itself_is_zero_and_symmetric():

@@ -1,6 +1,7 @@
 """Tests of otcfm.py: torchcfm fixtures (forward, Euler and dopri5 traces, state-dict keys), minibatch OT
 against brute force, the straight path, the samplers on an exact velocity field, training, mixed precision,
-per-seed sampling, checkpoints (own and torchcfm's).
+per-seed sampling, checkpoints (own and torchcfm's), the OT plan over the global batch under torchrun, the
+CUDA profile (bf16, channels_last, fused Adam) run on the CPU.
 
     python -m pytest tests/test_otcfm.py
 """
@@ -198,6 +199,54 @@ def test_loss_is_the_ot_cfm_objective(resample):
     assert loss == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("resample", [False, True])
+def test_two_ranks_pair_over_the_global_batch(resample, monkeypatch):
+    """Two torchrun ranks simulated in one process (torch.distributed patched, every draw a function of the global
+    image index) train on the same pairs as one process on the whole batch. Catches each rank solving the OT
+    assignment over its own half only: the pairing (and training) then depends on the number of processes."""
+    model = otcfm.Model(tiny_config(ot_resample=resample), "cpu")
+    torch.nn.init.normal_(model.net.out[2].weight, std=0.1)  # a non-zero output layer
+    B, g = 8, torch.Generator().manual_seed(5)  # B images per rank, 2B in the global batch
+    x1 = tiny_data(2 * B)  # (2B, 1, 8, 8) the global data batch
+    x0 = torch.randn(2 * B, 1, 8, 8, generator=g)  # the global draws: noise, resampled pairs, t
+    idx, t = torch.randint(2 * B, (2 * B,), generator=g), torch.rand(2 * B, generator=g)
+    pairs, real_path = [], otcfm.conditional_path
+    monkeypatch.setattr(otcfm, "conditional_path", lambda a, b, *args: pairs.append((a, b)) or real_path(a, b, *args))
+
+    def loss(rank, world):
+        rows = slice(rank * B, (rank + 1) * B) if world == 2 else slice(None)  # a draw of n rows: rows of the global
+
+        def randint(high, size, **kw):
+            assert high == 2 * B and size == (len(x1[rows]),)  # uniform over the global batch's matched pairs
+            return idx[rows]
+
+        def all_gather(outs, x):  # rank order; the other rank holds the other rows of the same global batch
+            src = x0 if torch.equal(x, x0[rows]) else x1
+            for out, part in zip(outs, src.chunk(world)):
+                out.copy_(part)
+
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(torch, "randn_like", lambda x: x0[rows].clone())
+            m.setattr(torch, "randint", randint)
+            m.setattr(torch, "rand", lambda n, **kw: t[rows])
+            if world == 2:
+                m.setattr(torch.distributed, "is_initialized", lambda: True)
+                m.setattr(torch.distributed, "get_rank", lambda: rank)
+                m.setattr(torch.distributed, "get_world_size", lambda: 2)
+                m.setattr(torch.distributed, "all_gather", all_gather)
+            return model.loss(x1[rows]).item()
+
+    single = loss(0, 1)
+    ranks = [loss(0, 2), loss(1, 2)]
+    (x0_one, x1_one), (x0_r0, x1_r0), (x0_r1, x1_r1) = pairs
+    assert torch.equal(torch.cat([x0_r0, x0_r1]), x0_one) and torch.equal(torch.cat([x1_r0, x1_r1]), x1_one)
+    assert sum(ranks) / 2 == pytest.approx(single, rel=1e-6)  # DDP averages the two ranks' means
+    if not resample:
+        assert torch.equal(x0_r0, x0[:B])  # each rank keeps its own noise rows, with the data they were matched to
+    local = x1[:B][otcfm.ot_pairing(x0[:B], x1[:B])]  # what pairing rank 0's half alone would give
+    assert not torch.equal(local, x1_one[:B])
+
+
 def test_small_preset_training_lowers_the_loss():
     torch.manual_seed(0)
     model = otcfm.Model(tiny_config(batch=16, warmup_steps=5), "cpu")
@@ -280,6 +329,21 @@ def test_generate_dopri5_reports_nfe_and_batch_dependence_is_at_tolerance_level(
     assert max_diff(a[1], b[0]) < 1e-3  # one step-size sequence per call: differences at the rtol/atol level
 
 
+def test_dopri5_runs_the_network_in_float32_whatever_amp(small_fx):
+    """amp="bf16" changes nothing in dopri5 sampling (same samples, same NFE as float32) but still applies to the
+    fixed-step samplers. Catches dopri5 under bf16 autocast: its rounding inflates the adaptive error estimate
+    (more evaluations) and the samples are no longer the paper's float32 ones."""
+    out = {}
+    for amp in ("fp32", "bf16"):
+        model = otcfm.Model(fixture_config(small_fx, amp=amp, rtol=1e-4, atol=1e-4), "cpu")
+        model.ema.load_state_dict(small_fx["state_dict"])
+        x = model.generate(torch.tensor([3, 4]))
+        model.cfg.sampler, model.cfg.steps = "euler", 2
+        out[amp] = x, model.nfe, model.generate(torch.tensor([3, 4]))
+    assert torch.equal(out["bf16"][0], out["fp32"][0]) and out["bf16"][1] == out["fp32"][1]
+    assert not torch.equal(out["bf16"][2], out["fp32"][2])  # Euler: the network ran in bf16
+
+
 def test_state_dict_round_trip(small_fx):
     cfg = fixture_config(small_fx, warmup_steps=2)
     x = small_fx["inputs"]["x"].clamp(-1, 1)
@@ -317,7 +381,7 @@ def test_distributed_training_keeps_plain_state_dict_keys(tmp_path):
         assert isinstance(model.train_fn, torch.nn.parallel.DistributedDataParallel)
         before = [p.clone() for p in model.net.parameters()]
         model.step = model.cfg.warmup_steps  # past the warm-up: the update moves the weights
-        assert torch.isfinite(torch.tensor(model.train_step(tiny_data(4))))
+        assert torch.isfinite(model.train_step(tiny_data(4)))
         assert any(not torch.equal(p, q) for p, q in zip(before, model.net.parameters()))
         sd = model.state_dict()
         assert not any(k.startswith("module.") for k in [*sd["net"], *sd["ema"]])
@@ -369,6 +433,46 @@ def test_load_pretrained_fine_tunes_without_warmup(official_file, small_fx):
     assert model.opt.param_groups[0]["lr"] == model.cfg.lr  # no warm-up when fine-tuning
 
 
+def test_load_pretrained_keeps_this_configs_adam_options(official_file, small_fx):
+    """The file's optimizer was a plain Adam (fused=False, lr 2e-4): only its moments and step are taken. Catches
+    loading its whole state dict, param_groups included, which silently turned fused Adam off and took its lr."""
+    path, _, optim_sd = official_file
+    model = otcfm.Model(fixture_config(small_fx, fused_adam="true", lr=1e-3), "cpu")
+    model.load_pretrained(path)
+    group = model.opt.param_groups[0]
+    assert group["fused"] is True and group["lr"] == 1e-3
+    assert torch.equal(model.opt.state_dict()["state"][0]["exp_avg"], optim_sd["state"][0]["exp_avg"])
+    model.train_step(small_fx["inputs"]["x"].clamp(-1, 1))
+    assert model.opt.param_groups[0]["fused"] is True
+
+
+def test_adam_moments_take_the_channels_last_layout_on_every_load(official_file, small_fx):
+    """With channels_last, every Adam moment has its parameter's strides after load_pretrained, after
+    load_state_dict of a state saved from an NCHW model, and after training on. Catches moments loaded in the
+    file's NCHW layout, which CUDA's fused Adam refuses next to NHWC parameters."""
+    path, _, _ = official_file
+    x = small_fx["inputs"]["x"].clamp(-1, 1)
+
+    def check(model):
+        params = dict(enumerate(model.net.parameters()))
+        assert any(not p.is_contiguous() for p in params.values())  # NHWC convolution weights
+        for i, s in model.opt.state_dict()["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert s[key].stride() == params[i].stride(), (i, key)
+
+    model = otcfm.Model(fixture_config(small_fx, channels_last="true"), "cpu")
+    model.load_pretrained(path)
+    check(model)
+    nchw = otcfm.Model(fixture_config(small_fx, channels_last="false"), "cpu")
+    nchw.train_step(x)
+    model = otcfm.Model(fixture_config(small_fx, channels_last="true"), "cpu")
+    model.load_state_dict(nchw.state_dict())
+    check(model)
+    assert torch.equal(model.opt.state_dict()["state"][0]["exp_avg"], nchw.opt.state_dict()["state"][0]["exp_avg"])
+    model.train_step(x)
+    check(model)
+
+
 def test_compile_falls_back_to_eager(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler here")
@@ -377,7 +481,7 @@ def test_compile_falls_back_to_eager(monkeypatch):
     model = otcfm.Model(tiny_config(compile=True, batch=4, sampler="euler", steps=2), "cpu")
     with pytest.warns(UserWarning, match="no compiler here"):
         loss = model.train_step(tiny_data(4))
-    assert np.isfinite(loss) and model.step == 1
+    assert torch.isfinite(loss) and model.step == 1
     with pytest.warns(UserWarning, match="no compiler here"):
         assert model.generate(torch.arange(2)).shape == (2, 1, 8, 8)
 
@@ -390,3 +494,72 @@ def test_make_config():
     with pytest.raises(ValueError, match="sampler"):
         otcfm.make_config("paper", sampler="rk45")
     assert otcfm.OFFICIAL_URLS["cifar10"].endswith("/1.0.4/otcfm_cifar10_weights_step_400000.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CUDA profile (bf16, channels_last, fused Adam) on the CPU
+
+
+def test_engineering_fields_and_profile():
+    """channels_last / fused_adam take auto | true | false (or Python bools) and resolve into Model.profile; with
+    them on, the net's and the EMA's convolution weights are NHWC and Adam is fused. Catches a missing or
+    unvalidated field, or a profile that does not reach the network and the optimizer."""
+    cfg = otcfm.make_config("small", channels_last=True, fused_adam=False)
+    assert cfg.channels_last == "true" and cfg.fused_adam == "false"
+    for key in ("channels_last", "fused_adam"):
+        with pytest.raises(ValueError, match=key):
+            otcfm.make_config("small", **{key: "yes"})
+    assert otcfm.Model(tiny_config(), "cpu").profile == {
+        "amp": "fp32", "channels_last": False, "fused_adam": False, "compile": False}  # "auto" on the CPU
+    model = otcfm.Model(tiny_config(amp="bf16", channels_last="true", fused_adam="true"), "cpu")
+    assert model.profile == {"amp": "bf16", "channels_last": True, "fused_adam": True, "compile": False}
+    assert model.opt.param_groups[0]["fused"] is True
+    for net in (model.net, model.ema):
+        w = net.input_blocks[1][0].in_layers[2].weight  # (16, 16, 3, 3)
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_network_inputs(small_fx, channels_last):
+    """With channels_last the training and the sampling network (EMA) get NHWC inputs; the loss and the samples
+    stay what they are in NCHW, up to float rounding. Catches NCHW inputs reaching NHWC weights (a layout
+    conversion inside every convolution) and a layout change that alters values."""
+    def fixture_model(**overrides):
+        model = otcfm.Model(fixture_config(small_fx, sampler="euler", steps=2, **overrides), "cpu")
+        model.net.load_state_dict(small_fx["state_dict"])
+        model.ema.load_state_dict(small_fx["state_dict"])
+        model.net.eval()  # no dropout: its masks follow the memory layout
+        return model
+
+    model = fixture_model(channels_last=channels_last)
+    seen = []
+    for net in (model.net, model.ema):
+        net.register_forward_pre_hook(lambda m, args: seen.append(args[1].is_contiguous(
+            memory_format=torch.channels_last)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loss = model.loss(small_fx["inputs"]["x"].clamp(-1, 1)).item()
+    x = model.generate(torch.tensor([1, 2]))
+    assert seen == [channels_last] * 3  # one training forward, two Euler steps of the EMA
+    reference = fixture_model()  # NCHW
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert loss == pytest.approx(reference.loss(small_fx["inputs"]["x"].clamp(-1, 1)).item(), rel=1e-5)
+    assert max_diff(x, reference.generate(torch.tensor([1, 2]))) < 1e-5 and x.is_contiguous()
+
+
+def test_train_step_returns_the_device_loss_without_reading_it(monkeypatch):
+    """train_step returns the detached 0-dim float32 loss on the model's device and never reads a tensor on the
+    host on the way (with fused Adam; the exact OT's cost matrix goes to scipy by design, not through these).
+    Catches loss.item() (a host synchronisation every step) and a float return value."""
+    model = otcfm.Model(tiny_config(batch=4, fused_adam="true", channels_last="true"), "cpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("train_step read a tensor on the host")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, refuse)
+        loss = model.train_step(tiny_data(4))
+    assert isinstance(loss, torch.Tensor) and loss.shape == () and loss.dtype == torch.float32
+    assert not loss.requires_grad and loss.device == model.device and loss.item() > 0 and model.step == 1

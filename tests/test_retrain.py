@@ -142,7 +142,8 @@ class MeanModel:
         self.batches.append(x.clone())
         self.step += 1
         self.mean += 0.5 * (x.mean(0) - self.mean)
-        return float("nan") if self.step == self.cfg.nan_at else float((x - self.mean).pow(2).mean())
+        loss = (x - self.mean).pow(2).mean()  # a 0-dim tensor, as the models return it
+        return torch.full_like(loss, float("nan")) if self.step == self.cfg.nan_at else loss
 
     def generate(self, seeds):
         z = torch.stack([torch.randn(self.mean.shape, generator=torch.Generator().manual_seed(s)) for s in seeds.tolist()])
