@@ -863,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="MODEL.FIELD=VALUE",
                    help="override a model's Config field, e.g. otcfm.sampler=euler (repeatable)")
     p.add_argument("--quick", action="store_true", help="CPU, small presets, tiny batches, few repetitions")
+    p.add_argument("--demo", action="store_true",
+                   help="the CPU demo: the small presets at their own batches, and the projected minutes of "
+                        "README's command (python retrain.py --model M --lam 1 --iters 20) and of reproduce.py digits")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smaller quick mode
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as JSON (--gpu-check: default gpu_check.json here)")
@@ -1141,9 +1144,78 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The CPU demo (--demo): how long README's first command takes here
+
+
+DIGITS = 1797  # scikit-learn's 8x8 digits: the real set, the samples per iteration and the evaluated ones
+
+
+def demo_row(name: str, threads: int, repeats: int) -> dict:
+    """One model's small preset as retrain.py runs it on the digits: s/step at its batch, ms/sample at its
+    sample_batch, and the projected minutes of pretraining, of one retraining iteration and of
+    `retrain.py --model NAME --lam 1 --iters 20` (training + sampling; metrics, plots and checkpoints add a
+    second or two per iteration)."""
+    torch.set_num_threads(threads)
+    module = importlib.import_module(name)
+    cfg = module.make_config("small")
+    torch.manual_seed(0)
+    model = module.Model(cfg, "cpu")
+    x = torch.rand(cfg.batch, cfg.img_channels, cfg.img_resolution, cfg.img_resolution) * 2 - 1
+    step_s = statistics.median(time_calls(lambda: model.train_step(x), 3, repeats, torch.device("cpu")))
+    seeds = torch.arange(cfg.sample_batch)
+    sample_s = statistics.median(time_calls(lambda: model.generate(seeds), 1, max(1, repeats // 3),
+                                            torch.device("cpu"))) / len(seeds)
+    pre_steps, it_steps = round(cfg.pretrain_kimg * 1000 / cfg.batch), round(cfg.kimg * 1000 / cfg.batch)
+    pre = pre_steps * step_s + DIGITS * sample_s
+    it = it_steps * step_s + DIGITS * sample_s
+    return {"model": name, "threads": threads, "batch": cfg.batch, "step_s": step_s, "sample_ms": sample_s * 1e3,
+            "nfe": model.nfe, "pretrain_steps": pre_steps, "iter_steps": it_steps, "pretrain_min": pre / 60,
+            "iter_s": it, "readme_min": (pre + 20 * it) / 60,
+            "digits_stage_min": (pre + 4 * 20 * it) / 60}  # one pretraining and lambda 0, 0.5, 1, inf
+
+
+DEMO_TABLE = [("model", "model", str), ("threads", "threads", fmt), ("batch", "batch", fmt),
+              ("step_s", "s/step", fmt), ("sample_ms", "ms/sample", fmt), ("nfe", "NFE", fmt),
+              ("pretrain_steps", "pretrain steps", fmt), ("pretrain_min", "pretrain min", fmt),
+              ("iter_steps", "steps/iter", fmt), ("iter_s", "1 iter s", fmt),
+              ("readme_min", "README cmd min", fmt), ("digits_stage_min", "digits stage min", fmt)]
+
+
+def demo(args) -> dict:
+    """--demo: every model's demo_row at 1 thread and at all cores, and the reproduce.py digits total."""
+    header = {"device": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+              "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "load_avg_1_5_15": [round(v, 2) for v in (os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))]}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    models = [m for m in MODELS if "all" in args.model or m in args.model]
+    rows = [demo_row(m, t, args.iters or 5) for m in models for t in sorted({1, args.threads or cores})]
+    # reproduce.py digits --jobs 2: 3 pretrainings, then 12 lambda runs, two at a time on one thread each
+    one = [r for r in rows if r["threads"] == 1]
+    stage = (sum(r["digits_stage_min"] for r in one)) / 2 if len(one) == 3 else None
+    return {"header": header, "demo": rows, "reproduce_digits_min_jobs2": stage}
+
+
+def demo_report(res: dict) -> str:
+    h = res["header"]
+    lines = [f"bench.py --demo  {h['date']}  CPU: {h['device']} ({h['capability']})  torch {h['torch']}  "
+             f"load avg {h['load_avg_1_5_15'][0]:.2f}", "",
+             table("The small presets on the digits, as retrain.py runs them (projected from measured rates)",
+                   DEMO_TABLE, res["demo"]), ""]
+    if res["reproduce_digits_min_jobs2"] is not None:
+        lines.append(f"reproduce.py digits --jobs 2 (3 models x lambda 0, 0.5, 1, inf x 20 iterations, one thread a "
+                     f"job): ~{res['reproduce_digits_min_jobs2']:.0f} min")
+    lines.append("notes: training + sampling only (metrics, plots, checkpoints: about a second per iteration); "
+                 "a busy machine slows every figure (see the load average)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.gpu_check:
+    if args.demo:
+        res = demo(args)
+        print(demo_report(res), flush=True)
+    elif args.gpu_check:
         res = gpu_check(resolve_gpu_check(args))
         print(gpu_check_report(res), flush=True)
         args.json = args.json or "gpu_check.json"

@@ -1,18 +1,27 @@
 """data.py -- every image dataset of the project as one uint8 tensor (N, C, H, W).
 
 retrain.py trains on these tensors and fid.py computes reference statistics from them, so both read
-images through the one function here, `load_images(spec)`. A spec is one of
+images through the one function here, `load_images(spec)`; `load_labelled(spec)` gives the same
+images with their class labels (classifier.py trains its feature network on them). A spec is one of
 
     cifar10            CIFAR-10 training set (50,000 x 3 x 32 x 32), downloaded by torchvision on first use
     digits             scikit-learn's bundled 8x8 digits (1,797 x 1 x 8 x 8), works offline
+    mnist              MNIST training set (LeCun et al. 1998; 60,000 x 1 x 32 x 32), downloaded by torchvision
+    fashion-mnist      Fashion-MNIST training set (Xiao et al. 2017; 60,000 x 1 x 32 x 32), the same way
     DIR                a folder of image files (png, jpg, ...), read in sorted order
     FILE.zip           a zip of image files, read in sorted order (FFHQ-64 is usually given this way)
     FILE.npy/.npz      a uint8 array, NHWC or NCHW (in a .npz: the array named 'images', 'x' or the only one)
 
 Images in a folder or zip must all have one size; greyscale files give 1 channel when every file is
-greyscale, otherwise everything is read as RGB. Every problem raises DataError with a one-line message.
+greyscale, otherwise everything is read as RGB. MNIST and Fashion-MNIST (28 x 28) are padded with 2 black
+pixels on every side to 32 x 32, the side of the models' 32-px configurations (and of LeNet-5's input,
+LeCun et al. 1998). Labels: the class index of every named dataset (CIFAR-10's 10 classes, the digit
+0..9, Fashion-MNIST's 10 classes of clothes, shoes and bags), and of a .npz that holds an array
+'labels' (or 'y') beside its images; none for folders, zips and .npy files. Every problem raises
+DataError with a one-line message.
 
     python -c "import data; print(data.load_images('digits').shape)"
+    python -c "import data; x, y = data.load_labelled('mnist'); print(x.shape, y.bincount())"
 """
 
 import io
@@ -23,6 +32,8 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+NAMED = ("cifar10", "digits", "mnist", "fashion-mnist")  # the specs that name a dataset rather than a path
+MNIST_PAD = 2  # black pixels added on each side of the 28 x 28 MNIST-like images: 28 + 2 * 2 = 32
 
 
 class DataError(ValueError):
@@ -33,7 +44,7 @@ class DataError(ValueError):
 # The named datasets
 
 
-def _cifar10(root: str) -> np.ndarray:
+def _cifar10(root: str) -> tuple[np.ndarray, np.ndarray]:
     import torchvision  # only needed here, so the other datasets work without it
 
     try:
@@ -41,14 +52,32 @@ def _cifar10(root: str) -> np.ndarray:
     except Exception as e:  # no internet, broken archive, ...
         raise DataError(f"could not download or read CIFAR-10 into '{root}' ({e}); "
                         "download it by hand or pass --data with a folder/zip/npz of images") from None
-    return ds.data.transpose(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)  # (N, 32, 32, 3) -> (N, 3, 32, 32); (N,)
 
 
-def _digits() -> np.ndarray:
+def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
-    x = load_digits().images  # (1797, 8, 8), integer grey levels 0..16
-    return np.round(x * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8), 17 levels in 0..255
+    bunch = load_digits()
+    x = bunch.images  # (1797, 8, 8), integer grey levels 0..16
+    return np.round(x * (255.0 / 16.0)).astype(np.uint8)[:, None], bunch.target  # (N, 1, 8, 8), 17 levels in 0..255
+
+
+def _mnist_like(spec: str, root: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST or Fashion-MNIST training set through torchvision (its idx files under root/MNIST/raw or
+    root/FashionMNIST/raw, downloaded when missing), padded to (N, 1, 32, 32)."""
+    import torchvision
+
+    cls = torchvision.datasets.MNIST if spec == "mnist" else torchvision.datasets.FashionMNIST
+    try:
+        ds = cls(root=root, train=True, download=True)
+    except Exception as e:  # no internet, broken file, ...
+        raise DataError(f"could not download or read {spec} into '{root}' ({str(e).splitlines()[0] if str(e) else e!r}); "
+                        f"put its four idx files into {os.path.join(root, cls.__name__, 'raw')} by hand "
+                        "or pass --data with a folder/zip/npz of images") from None
+    x = np.asarray(ds.data, dtype=np.uint8)                                   # (N, 28, 28)
+    x = np.pad(x, ((0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)))   # (N, 32, 32), zeros = black
+    return x[:, None], np.asarray(ds.targets)                                 # (N, 1, 32, 32); (N,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,15 +124,18 @@ def _zip(path: str) -> np.ndarray:
         raise DataError(f"'{path}' is not a valid zip file") from None
 
 
-def _array(path: str) -> np.ndarray:
+def _array(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         x = np.load(path, allow_pickle=False)
     except Exception as e:
         raise DataError(f"cannot read array file '{path}' ({e})") from None
+    labels = None
     if isinstance(x, np.lib.npyio.NpzFile):
         keys = [k for k in ("images", "x") if k in x.files] or (x.files if len(x.files) == 1 else [])
         if not keys:
             raise DataError(f"'{path}' holds arrays {x.files}; name the image array 'images'")
+        label_keys = [k for k in ("labels", "y") if k in x.files]
+        labels = x[label_keys[0]] if label_keys else None
         x = x[keys[0]]
     if x.dtype != np.uint8:
         raise DataError(f"'{path}' holds {x.dtype} values; expected uint8 images in 0..255")
@@ -115,32 +147,48 @@ def _array(path: str) -> np.ndarray:
         x = x.transpose(0, 3, 1, 2)
     if x.shape[1] not in (1, 3):
         raise DataError(f"'{path}' has shape {x.shape}; expected 1 or 3 channels in NCHW or NHWC layout")
-    return x
+    if labels is not None and (labels.shape != (len(x),) or labels.dtype.kind not in "iu" or labels.min() < 0):
+        raise DataError(f"'{path}': labels of shape {labels.shape} and type {labels.dtype}; expected {len(x)} "
+                        "non-negative integer class indices")
+    return x, labels
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_images(spec: str, root: str = "data", n: int | None = None) -> torch.Tensor:
-    """Dataset `spec` (see the module docstring) as a uint8 tensor (N, C, H, W); the first `n` if given."""
+def load_labelled(spec: str, root: str = "data", n: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dataset `spec` (see the module docstring) and its labels: (uint8 (N, C, H, W), int64 (N,) or None).
+
+    The first `n` images (and labels) if given; the images are exactly those of load_images."""
+    labels = None
     if spec == "cifar10":
-        x = _cifar10(root)
+        x, labels = _cifar10(root)
     elif spec == "digits":
-        x = _digits()
+        x, labels = _digits()
+    elif spec in ("mnist", "fashion-mnist"):
+        x, labels = _mnist_like(spec, root)
     elif not os.path.exists(spec):
-        raise DataError(f"data '{spec}' not found: give cifar10, digits, a folder of images, a .zip, or a .npy/.npz file")
+        raise DataError(f"data '{spec}' not found: give {', '.join(NAMED)}, a folder of images, a .zip, "
+                        "or a .npy/.npz file")
     elif os.path.isdir(spec):
         x = _folder(spec)
     elif spec.lower().endswith(".zip"):
         x = _zip(spec)
     elif spec.lower().endswith((".npy", ".npz")):
-        x = _array(spec)
+        x, labels = _array(spec)
     else:
         raise DataError(f"cannot tell the format of '{spec}': use a folder, a .zip, or a .npy/.npz file")
     if n is not None:
         if n < 1:
             raise DataError(f"asked for {n} images; give a positive count")
         x = x[:n]
+        labels = None if labels is None else labels[:n]
     if len(x) < 2:
         raise DataError(f"data '{spec}' holds {len(x)} image(s); need at least 2")
-    return torch.from_numpy(np.ascontiguousarray(x))
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    return images, None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def load_images(spec: str, root: str = "data", n: int | None = None) -> torch.Tensor:
+    """Dataset `spec` (see the module docstring) as a uint8 tensor (N, C, H, W); the first `n` if given."""
+    return load_labelled(spec, root, n)[0]

@@ -501,8 +501,9 @@ class Model:
         self.step += 1
 
     @torch.inference_mode()
-    def generate(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Samples (N, C, H, W) in [-1, 1]; image i depends only on seeds[i] (its own generator)."""
+    def generate(self, seeds: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Samples (N, C, H, W) in [-1, 1]; image i depends only on seeds[i] (its own generator). A temperature
+        scales the initial noise x_T (the ancestral sampler's later noise is not scaled)."""
         cfg = self.cfg
         net = self.ema if cfg.sample_ema else self.net
         net.eval()
@@ -510,6 +511,8 @@ class Model:
         gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds.tolist()]
         shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
         x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in gens])  # x_T (N, C, H, W)
+        if temperature != 1:
+            x = x * temperature
         grid = time_grid(cfg.skip_schedule, cfg.sample_steps, cfg.timesteps)
 
         def eps_fn(x, t):  # network call in bf16 or fp32; the sampler's state stays float32

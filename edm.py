@@ -666,8 +666,9 @@ class Model:
         self.nimg += batch
         self.step += 1
 
-    def generate(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) float32 in [-1, 1]; image i depends only on seeds[i] (its own generator)."""
+    def generate(self, seeds: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Images (N, C, H, W) float32 in [-1, 1]; image i depends only on seeds[i] (its own generator). A
+        temperature scales the initial noise (the latents; S_churn's later noise is not scaled)."""
         cfg = self.cfg
         (self.ema if cfg.sample_ema else self.net).eval()
         D = self._sample_net[cfg.sample_ema]
@@ -675,6 +676,8 @@ class Model:
             gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds.tolist()]
             latents = torch.stack([torch.randn(cfg.img_channels, cfg.img_resolution, cfg.img_resolution,
                                                generator=g, device=self.device) for g in gens])  # (N, C, H, W)
+            if temperature != 1:
+                latents = latents * temperature
             x, self.nfe = heun_sampler(D, latents, cfg, gens)
         return x.clamp(-1, 1).to(torch.float32, memory_format=torch.contiguous_format)  # NCHW also after NHWC nets
 

@@ -1,4 +1,4 @@
-"""fid.py -- FID, precision and recall as the paper measured them (pytorch-fid's Inception path).
+"""fid.py -- FID, precision and recall as the paper measured them (pytorch-fid's Inception path), and more.
 
 Bertrand et al., "On the Stability of Iterative Retraining of Generative Models on their Own Data"
 (ICLR 2024) report every result as FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update
@@ -10,13 +10,40 @@ bilinearly (half-pixel centres) to 299 x 299, mapped to [-1, 1], 2048-d pool3 fe
 computes exactly that, so its numbers are comparable with pytorch-fid / fld numbers (and not with
 clean-fid or NVlabs-EDM FIDs, which resize differently).
 
+The k-NN metrics work in any feature space (Inception, pixels, classifier.py's features, raw Gaussian
+vectors): beside precision and recall, density and coverage (Naeem et al. 2020, "Reliable Fidelity and
+Diversity Metrics for Generative Models", same k), all four from one pass over the distances. For
+labelled data, the class histogram of the samples (its total variation distance to the real one, the
+number of classes still produced); and the noise floor, the same metrics between two halves of the
+real set, which says how large a change must be to stand above sampling noise.
+
+The k-NN tie rule. The radius of a point is its distance to its k-th nearest OTHER point of its own set
+(the (k+1)-th smallest distance, itself included; an exact copy of it is another point, at distance 0),
+and a sample is inside that ball when its distance is STRICTLY LESS than the radius. This is the rule
+of fld's PrecisionRecall (`pairwise_dists < nn_dists`, num_neighbors = k + 1 = 4), the library of the
+paper's CIFAR-10 numbers, and of Naeem et al.'s own prdc code (`<` in all four metrics), so it is kept.
+Kynkäänniemi et al.'s reference code uses `<=`; prdc(..., inclusive=True) computes that rule. What the
+inclusive rule changes: a sample exactly on a sphere counts as inside, so every metric can only grow;
+most visibly, a ball of radius 0 (a point with k or more exact copies in its own set) is empty under
+`<` and holds its copies under `<=`, so a set that repeats images gets no precision/recall/coverage
+credit from those balls under `<`, and some under `<=`. Ties need equal distances: on the digits' real
+pixels (noise_floor's halves of 898, seed 0, k = 3), in exact integers, one real-fake distance of the
+806,404 equals a radius, and that real image lies inside 6 other balls, so both rules give the same four
+numbers; on low-dimensional grids they differ often (tests/test_fid.py: 2-d points on 17 grey levels,
+and a hand-computed 1-d case). Distances are float32
+torch.cdist, as fld: exact for small integer-valued features (the tests), while elsewhere two identical
+vectors get a distance of rounding size rather than 0 (up to 0.005 on the digits' pixels in [-1, 1],
+whose closest distinct images are 0.66 apart), so there a tie with a radius of 0 is decided by rounding.
+
 What is here, top to bottom:
   Config                 the defaults (batch, k, chunk, the weights address ...)
   FIDInception           Inception-v3 with the FID blocks of the TF graph; state dict = the .pth file
   load_inception         weights from a path, $FID_INCEPTION_WEIGHTS, the torch hub cache or the download
   inception_features     uint8 / [-1, 1] images -> (N, 2048) float64 pool3 features, batch-wise on a device
   pixel_features         the pixel-space variant for tiny images (8x8 digits): (N, C*H*W) in [-1, 1]
-  feature_stats, frechet_distance, precision_recall   the metrics
+  feature_stats, frechet_distance   the Fréchet distance
+  prdc, precision_recall, expected_coverage   precision, recall, density, coverage from the k-NN radii
+  class_metrics, feature_metrics, noise_floor   the class histogram, all metrics at once, two real halves
   reference              reference statistics cached on disk together with what they were computed from
   main                   the command line
 
@@ -24,15 +51,17 @@ What is here, top to bottom:
     python fid.py calc samples.npz --ref cifar10-train.npz              # one JSON line: fid, precision, recall, n
     python fid.py calc samples.npz --data digits --pixel                # pixel-space metrics for tiny images
     python fid.py calc samples/ --ref cifar10-train.npz --inception pt_inception-2015-12-05-6726825d.pth
+    python -c "import fid, data; print(fid.noise_floor(fid.pixel_features(data.load_images('digits'))))"
 
-IMAGES and --data take cifar10 | digits | a folder of images | a .zip of images | a .npz/.npy uint8
-array (NHWC or NCHW), read by data.py. Without internet, download the weights file by hand (see
+IMAGES and --data take cifar10 | digits | mnist | fashion-mnist | a folder of images | a .zip of images |
+a .npz/.npy uint8 array (NHWC or NCHW), read by data.py. Without internet, download the weights file by hand (see
 Config.weights_url) and give it with --inception PATH or the environment variable FID_INCEPTION_WEIGHTS.
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -55,6 +84,8 @@ class Config:
     resolution: int = 299       # Inception input side in pixels (pytorch-fid `InceptionV3`, resize_input=True)
     k: int = 3                  # neighbours of the precision/recall radius (paper; fld: num_neighbors=4 = k + self)
     chunk: int = 10000          # rows (and columns) of one cdist block in precision/recall (fld: chunks of 10,000)
+    min_frac: float = 0.1       # a class counts as produced above this fraction of its real share (class_metrics):
+                                # the ~4 misread images per class of a 98%-accurate classifier on 1,797 stay below it
     eps: float = 1e-6           # diagonal offset when sqrtm fails on a singular product (pytorch-fid)
     imag_atol: float = 1e-3     # largest |imaginary part| on sqrtm's diagonal that is dropped (pytorch-fid)
     fd_method: str = "sqrtm"    # "sqrtm": scipy.linalg.sqrtm, as pytorch-fid (2048-d: ~40 CPU-s on a 2-core Xeon);
@@ -466,12 +497,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = CFG.eps, method: str
 
 
 # ----------------------------------------------------------------------------------------------------
-# Precision and recall (Kynkäänniemi et al. 2019, as in fld's PrecisionRecall)
+# Precision, recall, density and coverage (Kynkäänniemi et al. 2019; Naeem et al. 2020)
 #
 # The manifold of a set is the union of balls around its points, each with radius = distance to the
-# k-th nearest other point of the set. precision = share of generated images inside the real
-# manifold; recall = share of real images inside the generated manifold; "inside" is strictly closer
-# than the radius. Distances are float32 torch.cdist in (chunk x chunk) blocks on the device.
+# k-th nearest other point of the set (the tie rule: module docstring). With real points X_1..X_N, fake
+# points Y_1..Y_M and B(p, r) the ball of radius r around p (Naeem et al. 2020, eqs. 1-4):
+#
+#   precision = 1/M   sum_j 1[Y_j in some real ball]          recall   = 1/N sum_i 1[X_i in some fake ball]
+#   density   = 1/(kM) sum_j #{i : Y_j in B(X_i, r_i)}         coverage = 1/N sum_i 1[some Y_j in B(X_i, r_i)]
+#
+# Precision and recall are those of Kynkäänniemi et al. (fld's PrecisionRecall); density counts how many
+# real balls hold each fake point (expectation 1 when real and fake follow one distribution, Naeem et
+# al. Lemma 1), coverage counts the real balls that hold any fake point (its expectation: see
+# expected_coverage). Distances are float32 torch.cdist in (chunk x chunk) blocks on the device, as fld.
 
 
 def _blocks(x: torch.Tensor, chunk: int):
@@ -492,27 +530,111 @@ def _radii(m: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def _inside(q: torch.Tensor, m: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
-    """Share of the points of q strictly inside some ball (m_j, radii_j)."""
-    hits = 0
-    for a in _blocks(q, chunk):
-        hit = torch.zeros(len(a), dtype=torch.bool, device=q.device)
-        for b, r in zip(_blocks(m, chunk), _blocks(radii, chunk)):
-            hit |= (torch.cdist(a, b) < r[None]).any(dim=1)              # (A, B) -> (A,)
-        hits += int(hit.sum())
-    return hits / len(q)
+def _ball_counts(real, fake, r_real, r_fake, chunk: int, inclusive: bool):
+    """One pass over the (chunk x chunk) blocks of real-fake distances. Returns
+    n_balls (M,): how many real balls hold each fake point; recalled (N,): each real point lies in some
+    fake ball; covered (N,): each real point's ball holds some fake point."""
+    inside = torch.le if inclusive else torch.lt                          # the tie rule
+    n_balls = torch.zeros(len(fake), dtype=torch.int64, device=real.device)
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    i = 0
+    for a, ra in zip(_blocks(real, chunk), _blocks(r_real, chunk)):
+        j = 0
+        for b, rb in zip(_blocks(fake, chunk), _blocks(r_fake, chunk)):
+            d = torch.cdist(a, b)                                        # (A, B)
+            in_real_ball = inside(d, ra[:, None])                        # (A, B): fake j in the ball of real i
+            n_balls[j:j + len(b)] += in_real_ball.sum(0)
+            covered[i:i + len(a)] |= in_real_ball.any(1)
+            recalled[i:i + len(a)] |= inside(d, rb[None]).any(1)        # real i in the ball of fake j
+            j += len(b)
+        i += len(a)
+    return n_balls, recalled, covered
 
 
-def precision_recall(real_feats, fake_feats, k: int = CFG.k, device=None,
-                     chunk: int = CFG.chunk) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of fake vs real (N, D) features."""
+def prdc(real_feats, fake_feats, k: int = CFG.k, device=None, chunk: int = CFG.chunk,
+         inclusive: bool = False) -> dict:
+    """Precision, recall, density and coverage of fake vs real (N, D) features, in any feature space.
+
+    k: neighbours of the radii (the paper: 3); inclusive False: inside = strictly closer than the radius
+    (fld, the paper's numbers), True: closer or equal (Kynkäänniemi et al.'s code); see the module docstring.
+    Returns {"precision", "recall", "density", "coverage"} as floats (density can exceed 1)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     real = torch.as_tensor(np.asarray(real_feats), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake_feats), dtype=torch.float32, device=device)
     with torch.inference_mode(), _precision_mode(device, "fp32"):
-        precision = _inside(fake, real, _radii(real, k, chunk), chunk)
-        recall = _inside(real, fake, _radii(fake, k, chunk), chunk)
-    return precision, recall
+        r_real, r_fake = _radii(real, k, chunk), _radii(fake, k, chunk)
+        n_balls, recalled, covered = _ball_counts(real, fake, r_real, r_fake, chunk, inclusive)
+    return {"precision": (n_balls > 0).double().mean().item(), "recall": recalled.double().mean().item(),
+            "density": n_balls.sum().item() / (k * len(fake)), "coverage": covered.double().mean().item()}
+
+
+def precision_recall(real_feats, fake_feats, k: int = CFG.k, device=None,
+                     chunk: int = CFG.chunk) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of fake vs real (N, D) features (see prdc)."""
+    m = prdc(real_feats, fake_feats, k, device, chunk)
+    return m["precision"], m["recall"]
+
+
+def expected_coverage(n_real: int, n_fake: int, k: int = CFG.k) -> float:
+    """E[coverage] when real and fake are samples of one distribution (Naeem et al. 2020, Lemma 2):
+
+        1 - prod_{i=1..k} (N - i) / (N + M - i)         (N real, M fake points)
+
+    (for N = M = 1,797 and k = 3: 0.875; a ball is empty when its k nearest of the N - 1 + M others are real)."""
+    return 1.0 - math.prod((n_real - i) / (n_real + n_fake - i) for i in range(1, k + 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The class histogram, all metrics at once, and the noise floor
+
+
+def class_metrics(pred, real_labels, n_classes: int, min_frac: float = CFG.min_frac) -> dict:
+    """How the classes of generated images (pred, e.g. classifier.predict) compare with the real labels.
+
+    class_tv: total variation distance between the two class distributions, 1/2 sum_c |p_c - q_c| (0: the same
+    shares, 1: disjoint); class_hist: the count of each class in pred; classes: the number of classes
+    produced, i.e. whose count in pred exceeds min_frac times the count its real share predicts
+    (len(pred) * q_c); min_frac 0 counts every class with a count above 0."""
+    pred, real = np.asarray(pred, dtype=np.int64), np.asarray(real_labels, dtype=np.int64)
+    hist = np.bincount(pred, minlength=n_classes)                        # (n_classes,)
+    p = hist / len(pred)
+    q = np.bincount(real, minlength=n_classes) / len(real)
+    if len(hist) != n_classes or len(q) != n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}")
+    return {"class_tv": float(0.5 * np.abs(p - q).sum()), "classes": int((hist > min_frac * q * len(pred)).sum()),
+            "class_hist": hist.tolist()}
+
+
+def feature_metrics(real_feats, fake_feats, k: int = CFG.k, device=None, fd_method: str = "eigh") -> dict:
+    """Fréchet distance and precision, recall, density, coverage of fake vs real (N, D) features.
+
+    fd_method "eigh" by default: exact for the singular covariances of small feature spaces (classifier
+    features with units that never fire, 8x8 pixels that are always black). FD is "fd" in the dict."""
+    real, fake = np.asarray(real_feats, dtype=np.float64), np.asarray(fake_feats, dtype=np.float64)
+    fd = frechet_distance(*feature_stats(fake), *feature_stats(real), method=fd_method)
+    return {"fd": fd, **prdc(real, fake, k, device)}
+
+
+def noise_floor(real_feats, seed: int = 0, labels=None, n_classes: int | None = None, k: int = CFG.k,
+                device=None, fd_method: str = "eigh", min_frac: float = CFG.min_frac) -> dict:
+    """The metrics between two disjoint random halves of one real set: what sampling noise alone gives.
+
+    The set (N, D) is permuted with numpy's PCG64 from `seed`; the first N // 2 points play the real set,
+    the next N // 2 the generated one, through feature_metrics (and class_metrics of labels, the same
+    labels for both halves, when given). At half size the floor is an upper estimate for a comparison of
+    N samples with N real images: FD's sampling bias shrinks about as 1/N, and precision, recall, coverage
+    grow with N. Returns the metrics plus n_half and seed."""
+    feats = np.asarray(real_feats, dtype=np.float64)
+    half = len(feats) // 2
+    perm = np.random.default_rng(seed).permutation(len(feats))
+    a, b = perm[:half], perm[half:2 * half]                               # disjoint, equal sizes
+    out = {**feature_metrics(feats[a], feats[b], k, device, fd_method), "n_half": half, "seed": seed}
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
+        out.update(class_metrics(labels[b], labels[a], n_classes, min_frac))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -630,7 +752,7 @@ def main(argv=None) -> int:
     common.add_argument("--split", default=None,
                         help="split recorded in the reference (default: train for cifar10, else all)")
     r = sub.add_parser("ref", parents=[common], help="write reference statistics and features of --data")
-    r.add_argument("--data", required=True, help="cifar10 | digits | folder | .zip | .npz/.npy")
+    r.add_argument("--data", required=True, help="cifar10 | digits | mnist | fashion-mnist | folder | .zip | .npz/.npy")
     r.add_argument("--out", required=True, help="output .npz")
     r.add_argument("--n", type=int, default=None, help="use the first n images")
     c = sub.add_parser("calc", parents=[common], help="FID, precision, recall of IMAGES vs a reference")

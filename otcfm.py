@@ -553,15 +553,16 @@ class Model:
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * warm
         self.opt.step()
-        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * net, every step; buffers (none today) copied
+        with torch.no_grad():  # ema <- decay * ema + (1 - decay) * net, every step; buffers (the U-Net has none) copied
             torch._foreach_lerp_(list(self.ema.parameters()), params, 1 - cfg.ema_decay)
             ema_buffers = list(self.ema.buffers())
             if ema_buffers:
                 torch._foreach_copy_(ema_buffers, list(self.net.buffers()))
         self.step += 1
 
-    def generate(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1]; image i starts from noise seeded by seeds[i] alone.
+    def generate(self, seeds: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1]; image i starts from noise seeded by seeds[i] alone, scaled by the
+        temperature.
 
         With the fixed-step samplers image i depends only on seeds[i]. dopri5 chooses one step-size sequence
         for the whole call (its error norm runs over the batch, as in torchcfm's and the paper's sampling), so
@@ -576,6 +577,8 @@ class Model:
         with torch.inference_mode():
             x0 = torch.stack([torch.randn(shape, generator=torch.Generator(self.device).manual_seed(int(s)),
                                           device=self.device) for s in seeds])  # (N, C, H, W) float32
+            if temperature != 1:
+                x0 = x0 * temperature
 
             def f(t, x):
                 with self._autocast(enabled=amp):

@@ -45,7 +45,8 @@ class Job(NamedTuple):
 def digits_jobs(m: str) -> list[Job]:
     """Iteration 0 of model m once, then one job per lambda starting from it (the same numbers as one
     `--lam 0 0.5 1 inf` sweep, which would run the lambdas one after another)."""
-    run, small = f"{RUNS}/digits-{m}", f"--model {m} --preset small --data digits"
+    # pixel-space metrics, as README's digits figures were made (the learned feature space is now the default)
+    run, small = f"{RUNS}/digits-{m}", f"--model {m} --preset small --data digits --metrics pixel"
     return [Job(f"{m}-pretrain", f"{PY} {small} --lam 0 --iters 0 --out {run}/pretrain"),
             *(Job(f"{m}-lam{lam}", f"{PY} {small} --init {run}/pretrain/iter0.pt --lam {lam} --iters {DIGITS_ITERS} "
                                    f"--out {run}/lam_{lam}", after=f"{m}-pretrain") for lam in DIGITS_LAMS)]

@@ -10,6 +10,11 @@ Generative Models on their Own Data" (ICLR 2024, arXiv 2310.00429). The procedur
                   n real images plus those samples for --kimg thousand images seen, then evaluate
     lam = 0       the control: real data only.   lam = inf: the fully synthetic loop (n samples, no real data)
 
+Beyond the paper, flags change what each iteration trains on (--pool replace | accumulate |
+accumulate-subsample, --real fixed | fresh | none, --start warm | scratch) and how its samples are drawn
+(--temperature, --curate K with --reward); their defaults are the paper's loop. See the section
+"Self-consuming regimes" below, and gaussian.py for each regime in closed form.
+
 One sampling pass per iteration serves both purposes: the samples that evaluate model t are the
 ones that train model t+1. Each image has its own seed (seed, iteration, index), so the synthetic set
 does not depend on batch size or GPU count; images are quantized to uint8 exactly as a saved PNG
@@ -32,6 +37,7 @@ The model interface (ddpm.py, edm.py, otcfm.py and gaussian.py all implement it;
       .train_step(x) -> float   one optimizer step on x, float32 (B, C, H, W) in [-1, 1]; returns the loss
                                 (or .fit(x) for a closed-form model, called once per iteration)
       .generate(seeds) -> x     float32 (N, C, H, W) in [-1, 1]; image i depends only on seeds[i]
+                                (with --temperature only: generate(seeds, temperature), the initial noise scaled)
       .nfe                      network evaluations per image in the last generate()
       .state_dict() / .load_state_dict(d)   plain dicts (torch.load(weights_only=True) reads them)
       .load_pretrained(path)    a released checkpoint file into the network and its EMA
@@ -41,6 +47,8 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
+import hashlib
 import importlib
 import json
 import math
@@ -101,15 +109,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="initial model: a checkpoint path, or 'official' to download the released one")
     p.add_argument("--preset", default="auto", help="auto | paper | small (or another preset of the model); auto: paper on CUDA, small on CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a field of the model's Config (repeatable)")
-    p.add_argument("--metrics", default="auto", choices=("auto", "inception", "pixel"), help="feature space of FD/precision/recall; auto: Inception for images of 32 px or more when its weights are available")
+    p.add_argument("--metrics", default="auto", choices=("auto", "inception", "classifier", "pixel"),
+                   help="feature space of the metrics; auto: a classifier trained on the labels for small labelled "
+                   "images (the digits), Inception for images of 32 px or more when its weights are available, "
+                   "else pixels")
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (else downloaded)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last completed iteration")
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (training batches, noise, samples)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="independent replicates, iteration 0 included: one run per seed in --out/seed_S, then "
+                   "--out/metrics.png (mean and spread) and --out/seeds.json (default --out: runs/MODEL-seeds-S1-S2-..)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores that are free now, at least 1)")
+    p.add_argument("--cache", default=None, help="folder of pretrained iterations 0 reused across runs "
+                   "(default: 'cache' beside the --out folder)")
+    p.add_argument("--no-cache", action="store_true", help="train iteration 0 again even when the cache has it")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (same as --set compile=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = p.add_argument_group("self-consuming regimes beyond the paper (the defaults are the paper's loop)")
+    r.add_argument("--pool", default="replace", choices=("replace", "accumulate", "accumulate-subsample"),
+                   help="synthetic data across iterations: replace (each generation's samples replace the previous "
+                   "ones), accumulate (every generation's samples are kept), accumulate-subsample (of all kept "
+                   "samples, round(lam n) are drawn each iteration: replace's training-set size)")
+    r.add_argument("--real", default="fixed", choices=("fixed", "fresh", "none"),
+                   help="real data of each iteration: fixed (the same n), fresh (n new ones: new draws for --data "
+                   "gaussian, the next n images of the data set otherwise), none (round(lam n) synthetic samples alone)")
+    r.add_argument("--start", default="warm", choices=("warm", "scratch"),
+                   help="each iteration fine-tunes the previous model (warm), or trains iteration 0's initial "
+                   "weights again (scratch; --kimg then defaults to the preset's pretraining budget)")
+    r.add_argument("--temperature", type=float, default=1.0, metavar="TAU",
+                   help="scale of the samplers' initial noise (gaussian: samples of N(mu, tau^2 Sigma)); 1 = unbiased")
+    r.add_argument("--curate", type=int, default=1, metavar="K",
+                   help="keep one of K samples, candidate i with probability softmax(reward) over the K; 1 = no curation")
+    r.add_argument("--reward", default=None, choices=("linear", "quadratic", "class", "confidence"),
+                   help="the reward of --curate, also recorded each iteration: linear beta . x or quadratic "
+                   "-gamma |x|^2 / 2 (vectors); the digits classifier's log p(--reward-class | x) or max_c log p(c | x) (images)")
+    r.add_argument("--beta", type=float, nargs="+", default=[1.0], metavar="B", help="linear reward: one coefficient, or one per coordinate")
+    r.add_argument("--gamma", type=float, default=1.0, metavar="G", help="quadratic reward: the pull toward 0")
+    r.add_argument("--reward-class", type=int, default=0, metavar="C", help="the class of --reward class")
     return p
 
 
@@ -191,6 +230,23 @@ def setup_device(name: str | None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def cpu_threads(requested: int | None, world: int) -> str:
+    """Set torch's CPU threads and say why: --threads, else OMP_NUM_THREADS, else the cores free right now.
+    Small networks on a CPU run ~1.2x faster on 2 idle cores than on 1, but many times slower when a thread
+    has to share its core with another job (threads wait for each other at every operation), so the
+    default never takes a busy core: cores minus the 1-minute load average, at least 1, per process."""
+    if requested:
+        torch.set_num_threads(requested)
+        return f"{requested} CPU threads (--threads)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(cores, round(cores - load)) // world)
+    torch.set_num_threads(threads)
+    return f"{threads} CPU threads ({cores} cores, load {load:.1f}; --threads to choose)"
+
+
 def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -233,6 +289,29 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 LOSS_EVERY = 25  # training steps between reads of the loss: the one host synchronisation of the training loop
+
+
+class RunClock:
+    """Says once, after the first LOSS_EVERY training steps of the run, how long the whole run will take:
+    measured seconds per step and per sample times the steps and samples still to come (metrics, plots and
+    checkpoints not counted)."""
+
+    def __init__(self, per_sample: float, probe: int, work: list[tuple[str, int, int]]):
+        self.per_sample, self.probe, self.work, self.said = per_sample, probe, work, False
+
+    def first_steps(self, per_step: float, steps: int, it: int) -> None:
+        if self.said or rank_world()[0] != 0:
+            return
+        self.said = True
+        parts = [(what, n_steps * per_step + n_samples * self.per_sample) for what, n_steps, n_samples in self.work]
+        total = sum(seconds for _, seconds in parts)
+        tqdm.write(f"estimate: {total / 60:.1f} min in all, " + " + ".join(f"{what} {sec / 60:.1f} min"
+                                                                          for what, sec in parts)
+                   + f" (measured here: {per_step:.3f} s/step over {steps} steps of iteration {it}, "
+                   f"{self.per_sample * 1000:.1f} ms/sample over {self.probe} samples)")
+
+
+CLOCK: RunClock | None = None  # set by run() for its training loop
 
 
 def batch_plan(n: int, batch: int, steps: int, gen: torch.Generator, device):
@@ -288,16 +367,16 @@ def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, 
         total += window
         bar.update(len(idx))
         bar.set_postfix(loss=f"{window / len(idx):.4f}", refresh=False)
-        if it == 0 and first == 0 and rank == 0 and steps > LOSS_EVERY:
-            per_step = (time.time() - t0) / len(idx)
-            tqdm.write(f"  pretraining: {per_step:.3f} s/step x {steps} steps ~ {per_step * steps / 60:.1f} min "
-                       f"(measured over the first {len(idx)} steps)")
+        if first == 0 and CLOCK is not None:
+            CLOCK.first_steps((time.time() - t0) / len(idx), len(idx), it)
     bar.close()
     return {"steps": steps, "loss": total / steps}
 
 
-def sample(model, n: int, seed: int, it: int, chunk: int, is_image: bool, progress: bool) -> torch.Tensor:
-    """n samples of iteration `it` on the CPU: uint8 images, or float64 vectors.
+def sample(model, n: int, seed: int, it: int, chunk: int, is_image: bool, progress: bool,
+           temperature: float = 1.0) -> torch.Tensor:
+    """n samples of iteration `it` on the CPU: uint8 images, or float64 vectors; a temperature other than 1
+    scales the sampler's initial noise (--temperature; the models' generate(seeds, temperature)).
 
     The seeds are cut into chunks of `chunk` by global index; rank r generates chunks r, r + world, ...
     so every chunk is computed the same way whatever the number of processes."""
@@ -306,7 +385,7 @@ def sample(model, n: int, seed: int, it: int, chunk: int, is_image: bool, progre
     chunks = list(torch.split(seeds, chunk))
     mine = {}
     for k in tqdm(range(rank, len(chunks), world), desc=f"sample it {it}", disable=not progress, leave=False, dynamic_ncols=True):
-        x = model.generate(chunks[k])
+        x = model.generate(chunks[k]) if temperature == 1 else model.generate(chunks[k], temperature=temperature)
         mine[k] = (to_uint8(x) if is_image else x.to(torch.float64)).cpu()
     if world > 1:
         parts = [None] * world
@@ -316,20 +395,35 @@ def sample(model, n: int, seed: int, it: int, chunk: int, is_image: bool, progre
 
 
 class Evaluator:
-    """Frechet distance, precision and recall (k=3) of samples against the real training set.
+    """The metrics of samples against the real training set, in one feature space (recorded as `features`):
 
-    Inception-v3 pool features (FID) when the weights are available and the images are 32 px or
-    more; otherwise raw pixels (or raw vectors), which is what tiny images and --metrics pixel get.
-    The Frechet distance uses the statistics of the whole real set; precision and recall its first
-    n_eval images, so both manifolds hold as many points as the paper's 50k vs 50k. Under torchrun
-    every rank extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
+        inception   Inception-v3 pool features (FID): images of 32 px or more, when the weights are available
+        classifier  the penultimate features of a small classifier trained on the real set's labels
+                    (classifier.py): the default for small labelled images (the digits), where Inception's
+                    299-px view of an 8x8 image means little and raw pixels judge poorly
+        pixel       raw pixels (--metrics pixel, or small images without labels)
+        raw         the vectors of --data gaussian
 
-    def __init__(self, real: torch.Tensor, choice: str, inception: str | None, n_eval: int, device, progress: bool,
-                 cache: str):
-        self.device, self.progress, self.net, self.n_eval = device, progress, None, n_eval
+    In each: the Frechet distance ("fid" for Inception, else "fd") against the whole real set; precision,
+    recall, density and coverage (k = 3) against its first n_eval points, so both sets hold as many points
+    as the paper's 50k vs 50k. In classifier space also the samples' classes (the classifier's argmax):
+    the total variation distance of their histogram to the real labels' (class_tv), the number of classes
+    produced (classes) and the histogram (class_hist); and the pixel-space metrics as a second view
+    (pixel_fd, pixel_precision, ...). `floor` holds the same metrics between two disjoint halves of the
+    real set: what sampling noise alone gives. Under torchrun every rank extracts the Inception features
+    of its share of the samples; rank 0 computes the metrics."""
+
+    def __init__(self, real: torch.Tensor, labels: torch.Tensor | None, choice: str, inception: str | None,
+                 n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int):
+        self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
         self.main = rank_world()[0] == 0
         is_image = real.dtype == torch.uint8
-        if choice == "inception" or (choice == "auto" and is_image and real.shape[-1] >= 32):
+        if choice == "classifier" or (choice == "auto" and is_image and labels is not None and real.shape[-1] < 32):
+            if labels is None or not is_image:
+                raise UserError("--metrics classifier needs labelled images (digits, mnist, fashion-mnist, cifar10, "
+                                "or an .npz with labels)")
+            self.kind = "classifier"
+        elif choice == "inception" or (choice == "auto" and is_image and real.shape[-1] >= 32):
             try:
                 self.net = fid.load_inception(inception, device=device)
             except fid.InceptionUnavailable as e:
@@ -337,9 +431,20 @@ class Evaluator:
                     raise UserError(str(e)) from None
                 if self.main:
                     print(f"retrain.py: Inception weights unavailable, using pixel-space metrics ({e})")
-        self.kind = "inception" if self.net is not None else ("pixel" if is_image else "raw")
+            self.kind = "inception" if self.net is not None else "pixel"
+        else:
+            self.kind = "pixel" if is_image else "raw"
+        self.fd_key = "fid" if self.kind == "inception" else "fd"
+        self.floor = {}  # rank 0's, below
         if not self.main:
             return
+        if self.kind == "classifier":
+            import classifier
+
+            self.clf, self.clf_info = classifier.get(real, labels, classifier_cache, progress=progress)
+            self.labels, self.n_classes = labels.numpy(), int(labels.max()) + 1
+            self.pixel_real = fid.pixel_features(real)
+            self.pixel_stats = fid.feature_stats(self.pixel_real)
         if self.net is not None:
             try:
                 ref = fid.reference(real, name=f"train-{len(real)}", path=cache, net=self.net, device=device,
@@ -350,10 +455,15 @@ class Evaluator:
         else:
             self.real_feats = self.features(real)
             self.real_stats = fid.feature_stats(self.real_feats)
+        self.floor = self.noise_floor(seed)
 
     def features(self, x: torch.Tensor) -> np.ndarray | None:
         """Features of x on rank 0 (None on the others). Inception: each rank extracts its share, and rank 0
         gathers them as one tensor (float32, which the features are, padded to the largest share)."""
+        if self.kind == "classifier":
+            import classifier
+
+            return classifier.features(self.clf, x)
         if self.net is None:
             return fid.pixel_features(x) if x.dtype == torch.uint8 else x.reshape(len(x), -1).numpy().astype(np.float64)
         rank, world = rank_world()
@@ -370,18 +480,42 @@ class Evaluator:
             return None
         return torch.cat([p[:len(s)] for p, s in zip(parts, shares)]).cpu().double().numpy()
 
-    def __call__(self, fake: torch.Tensor) -> dict:
-        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features). The
-        Frechet distance's matrix square root from symmetric eigenvalues: on a GPU with torch (a second for
+    def space_metrics(self, fake_feats: np.ndarray, real_feats: np.ndarray, real_stats: tuple) -> dict:
+        """Frechet distance against real_stats; precision, recall, density, coverage against real_feats' first
+        n_eval points. The matrix square root from symmetric eigenvalues: on a GPU with torch (a second for
         Inception's 2048 dimensions, where scipy's sqrtm takes ~40 CPU-s), on a CPU with LAPACK."""
+        fd = fid.frechet_distance(*fid.feature_stats(fake_feats), *real_stats, method="eigh",
+                                  device=self.device if self.device.type == "cuda" else None)
+        return {"fd": fd, **fid.prdc(real_feats[:self.n_eval], fake_feats, k=3, device=self.device)}
+
+    def __call__(self, fake: torch.Tensor) -> dict:
+        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
         f = self.features(fake) if self.main or self.net is not None else None
         if not self.main:
             return {}
-        fd = fid.frechet_distance(*fid.feature_stats(f), *self.real_stats, method="eigh",
-                                  device=self.device if self.device.type == "cuda" else None)
-        precision, recall = fid.precision_recall(self.real_feats[:self.n_eval], f, k=3, device=self.device)
-        return {"fid" if self.kind == "inception" else "fd": fd, "precision": precision, "recall": recall,
-                "features": self.kind}
+        r = self.space_metrics(f, self.real_feats, self.real_stats)
+        r = {self.fd_key: r.pop("fd"), **r, "features": self.kind}
+        if self.kind == "classifier":
+            import classifier
+
+            r.update(fid.class_metrics(classifier.predict(self.clf, fake), self.labels, self.n_classes))
+            pixel = self.space_metrics(fid.pixel_features(fake), self.pixel_real, self.pixel_stats)
+            r.update({f"pixel_{k}": v for k, v in pixel.items()})
+        return r
+
+    def noise_floor(self, seed: int) -> dict:
+        """The metrics between two disjoint random halves of the real set (at most n_eval points each), in the
+        keys the samples' metrics use, with `n_half`: the floor under which a sample's distance, and above
+        which its precision, recall, density and coverage, cannot be told from sampling noise."""
+        m = min(self.n_eval, len(self.real_feats) // 2)
+        labelled = self.kind == "classifier"
+        r = fid.noise_floor(self.real_feats[:2 * m], seed=seed, labels=self.labels[:2 * m] if labelled else None,
+                            n_classes=self.n_classes if labelled else None, device=self.device)
+        r = {self.fd_key: r.pop("fd"), **r}
+        if labelled:
+            pixel = fid.noise_floor(self.pixel_real[:2 * m], seed=seed, device=self.device)
+            r.update({f"pixel_{k}": pixel[k] for k in ("fd", "precision", "recall", "density", "coverage")})
+        return r
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,25 +564,68 @@ def save_grid(samples: torch.Tensor, path: str, n: int = 64) -> None:
     Image.fromarray(arr).save(path)
 
 
-def plot_metrics(histories: dict[str, list[dict]], path: str) -> None:
-    """One panel per metric against iteration, one line per lambda."""
+PANELS = {"fid": "FID (Inception)", "fd": "Frechet distance", "precision": "precision", "recall": "recall",
+          "density": "density", "coverage": "coverage", "class_tv": "class histogram: TV to real",
+          "classes": "classes produced", "pixel_fd": "pixel Frechet distance", "pixel_precision": "pixel precision",
+          "pixel_recall": "pixel recall", "mean_err": "|mu - mu*|", "cov_err": "|Sigma - Sigma*|", "logdet": "log det Sigma"}
+BEST = {"fid": 0, "fd": 0, "pixel_fd": 0, "class_tv": 0, "precision": 1, "recall": 1, "coverage": 1, "density": 1,
+        "pixel_precision": 1, "pixel_recall": 1}  # the ideal value: the floor band runs from it to two real halves'
+
+
+def plot_metrics(histories: dict[str, list], path: str, title: str = "", floor: dict | None = None) -> None:
+    """One panel per metric against iteration, one line per lambda. A history may also be a list of histories
+    (several seeds): then its mean, with a band of one standard deviation. The noise floor (two halves of the
+    real set, Evaluator.noise_floor) is a grey band from the ideal value to the floor's: moves inside it
+    cannot be told from sampling noise. With one lambda and class histograms, a last panel shows the
+    samples' count per class (columns) at each iteration (rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    keys = [k for k in ("fid", "fd", "precision", "recall", "mean_err", "cov_err", "logdet")
-            if any(k in r for h in histories.values() for r in h)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, h in histories.items():
-            pts = [(r["iter"], r[key]) for r in h if key in r]
-            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    runs = {label: h if h and isinstance(h[0], list) else [h] for label, h in histories.items()}  # label: seeds
+    keys = [k for k in PANELS if any(k in r for hs in runs.values() for h in hs for r in h)]
+    strip = len(runs) == 1 and any("class_hist" in r for r in next(iter(runs.values()))[0])
+    cols = min(4, len(keys) + strip)
+    rows = math.ceil((len(keys) + strip) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.5), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for label, hs in runs.items():
+            iters = sorted({r["iter"] for h in hs for r in h if key in r})
+            values = np.array([[next((r[key] for r in h if r["iter"] == i and key in r), np.nan) for i in iters]
+                               for h in hs], dtype=float)  # (seeds, iterations)
+            mean = np.nanmean(values, axis=0)
+            line, = ax.plot(iters, mean, marker="o" if len(iters) < 30 else None, ms=3,
+                            label=f"lam {label}" + (f" ({len(hs)} seeds)" if len(hs) > 1 else ""))
+            if len(hs) > 1:
+                std = np.nanstd(values, axis=0, ddof=1)
+                ax.fill_between(iters, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        if floor and key in floor and key in BEST:
+            ax.axhspan(min(BEST[key], floor[key]), max(BEST[key], floor[key]), color="0.88", zorder=0,
+                       label="two real halves")
+        elif floor and key in floor:
+            ax.axhline(floor[key], color="0.6", ls="--", lw=1, label="two real halves")
         ax.set_xlabel("iteration")
-        ax.set_title(key if key != "fd" else f"fd ({h[0].get('features', '')})")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(PANELS[key], fontsize=10)
         if key in ("mean_err", "cov_err"):
             ax.set_yscale("log")
-    axes[0][0].legend(fontsize=8)
+    if strip:
+        ax = axes.flat[len(keys)]
+        h = [r for r in next(iter(runs.values()))[0] if "class_hist" in r]
+        counts = np.array([r["class_hist"] for r in h], dtype=float)  # (iterations, classes)
+        im = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(-0.5, counts.shape[1] - 0.5, h[-1]["iter"] + 0.5, h[0]["iter"] - 0.5))
+        ax.set_xlabel("class")
+        ax.set_ylabel("iteration")
+        ax.set_title("samples per class", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    for ax in list(axes.flat)[len(keys) + strip:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=90)
     plt.close(fig)
@@ -489,17 +666,18 @@ def resolve(args, device: torch.device) -> dict:
     return {"lams": lams, "module": module, "preset": preset, "data": data_spec}
 
 
-def load_real(args, data_spec: str) -> tuple[torch.Tensor, tuple | None]:
-    """The real training set: uint8 images (N, C, H, W), or float64 vectors for --data gaussian."""
+def load_real(args, data_spec: str) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """The real training set: uint8 images (N, C, H, W) with their int64 labels (N,) when the data set has
+    them (else None), or float64 vectors and the true (mu, Sigma) for --data gaussian."""
     if data_spec == "gaussian":
         import gaussian
 
         n = args.n_real or 1000
         if n < 2:
             raise UserError(f"--n-real {n}: need at least 2 samples")
-        return gaussian.make_data(args.dim, n, seed=args.seed), gaussian.truth(args.dim)
+        return gaussian.make_data(args.dim, n, seed=args.seed), None, gaussian.truth(args.dim)
     try:
-        return data.load_images(data_spec, root=args.data_root, n=args.n_real), None
+        return *data.load_labelled(data_spec, root=args.data_root, n=args.n_real), None
     except data.DataError as e:
         raise UserError(str(e)) from None
 
@@ -517,6 +695,7 @@ def check_same(old: dict, new: dict, out: str) -> None:
     """--resume continues a run only with the settings it was started with. The number of processes and the
     device may change: samples depend on their seeds alone and training on the global batch (another
     device changes the float rounding, not the method)."""
+    old = {**REGIME_DEFAULTS, **old}  # a run begun before the regime flags existed ran the paper's loop
     for key in new:
         if key in ("world_size", "device") and old.get(key) != new[key] and rank_world()[0] == 0:
             print(f"retrain.py: --resume with {key} {new[key]} (the run began with {old.get(key)})")
@@ -566,6 +745,46 @@ def load_init(args, model, path: str) -> str:
     return f"init {path}"
 
 
+def iter0_cache(args, s: dict, out: str, cfg, real: torch.Tensor, n_samples: int, device, world: int) -> str | None:
+    """The file that keeps a pretrained iteration 0 for later runs (another lambda, more iterations): named by a
+    hash of all it depends on (model, Config, real data, seed, number of samples, device type, processes,
+    and the code of the model file and of this one). None with --init (loading is fast anyway), --no-cache,
+    or a closed-form model (fitting is instant)."""
+    if args.init or args.no_cache or not hasattr(cfg, "pretrain_kimg"):
+        return None
+    code = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in (getattr(s["module"], "__file__", None),
+                                                                          __file__) if f]
+    key = {"format": CKPT_FORMAT, "model": args.model, "config": dataclasses.asdict(cfg), "seed": args.seed,
+           "data": hashlib.sha256(real.cpu().contiguous().numpy().tobytes()).hexdigest(), "samples": n_samples,
+           "device": device.type, "world": world, "code": code, "torch": torch.__version__}
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache")
+    return os.path.join(folder, f"{args.model}-iter0-{name}.pt")
+
+
+def lam_folder(out: str, lams: list[float], lam: float) -> str:
+    """Where one lambda's iterations go: the run folder itself, or lam_X/ in a sweep."""
+    return out if len(lams) == 1 else os.path.join(out, f"lam_{lam_label(lam)}")
+
+
+def run_clock(args, model, cfg, lams, out: str, n_gen: dict, kimg: float, pretraining: bool) -> RunClock | None:
+    """The run's clock (see RunClock): the work still to do, and the sampler's measured speed on a few
+    seeds that no iteration uses. None for closed-form models and on ranks other than 0."""
+    if rank_world()[0] != 0 or not hasattr(cfg, "batch"):
+        return None
+    work = [("pretraining", round(cfg.pretrain_kimg * 1000 / cfg.batch), max(n_gen.values()))] if pretraining else []
+    for lam in lams:
+        log = os.path.join(lam_folder(out, lams, lam), "metrics.jsonl")
+        done = sum(1 for _ in open(log)) - 1 if os.path.exists(log) else 0
+        if args.iters > done:
+            work.append((f"lam {lam_label(lam)}: {args.iters - done} iterations",
+                         (args.iters - done) * max(1, round(kimg * 1000 / cfg.batch)), (args.iters - done) * n_gen[lam]))
+    probe = min(cfg.sample_batch, 64)
+    t0 = time.perf_counter()
+    model.generate(image_seeds(args.seed, 999, probe))  # iteration 999 of this seed: never a real iteration's seeds
+    return RunClock((time.perf_counter() - t0) / probe, probe, work)
+
+
 def pretrain(args, model, real: torch.Tensor, cfg, progress: bool) -> str:
     """Iteration 0 without --init: train from scratch on the real data for the preset's pretraining budget."""
     kimg = getattr(cfg, "pretrain_kimg", 0)
@@ -580,7 +799,7 @@ def prepare(args, world: int, device: torch.device) -> dict:
     """Settings, real data, the model's Config, config.json's content and the run folder, all validated
     before anything is written."""
     s = resolve(args, device)
-    real, truth = load_real(args, s["data"])
+    real, labels, truth = load_real(args, s["data"])
     is_image, n, module = real.dtype == torch.uint8, len(real), s["module"]
     shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
     if is_image and real.shape[-2] != real.shape[-1]:
@@ -596,11 +815,12 @@ def prepare(args, world: int, device: torch.device) -> dict:
         cfg = module.make_config(s["preset"], **shape, **overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    kimg = args.kimg if args.kimg is not None else getattr(cfg, "kimg", 0)
+    regime = make_regime(args, s["data"], real, s["lams"])
+    kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(s['data'].rstrip('/'))}")
     config = {"model": args.model, "preset": s["preset"], "data": s["data"], "n_real": n, "n_eval": n_eval,
-              "lams": [lam_label(lam) for lam in s["lams"]], "iters": args.iters, "kimg": kimg, "seed": args.seed,
+              "lams": [lam_label(lam) for lam in s["lams"]], "iters": args.iters, "kimg": kimg, **regime.config(), "seed": args.seed,
               "init": args.init, "metrics": args.metrics, "world_size": world, "device": device.type,
               "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
@@ -610,16 +830,19 @@ def prepare(args, world: int, device: torch.device) -> dict:
             check_same(json.load(f), json.loads(json.dumps(config)), out)
     elif os.path.exists(out) and os.listdir(out) and not args.force:
         raise UserError(f"run folder '{out}' exists; add --resume to continue it or --force to start over")
-    return {"s": s, "real": real, "truth": truth, "cfg": cfg, "config": config, "out": out}
+    return {"s": s, "real": real, "labels": labels, "truth": truth, "cfg": cfg, "config": config, "out": out,
+            "regime": regime}
 
 
 def run(args) -> None:
     rank, world, device = setup_device(args.device)
+    threads = cpu_threads(args.threads, world) if device.type == "cpu" else f"{torch.get_num_threads()} CPU threads"
     main_rank = rank == 0
     progress = main_rank and not args.no_progress
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
         settings = prepare(args, world, device)
-    s, real, truth, cfg, config, out = (settings[k] for k in ("s", "real", "truth", "cfg", "config", "out"))
+    s, real, labels, truth, cfg, config, out = (settings[k] for k in ("s", "real", "labels", "truth", "cfg", "config",
+                                                                      "out"))
     module, lams, kimg, n_eval = s["module"], s["lams"], config["kimg"], config["n_eval"]
     is_image, n = real.dtype == torch.uint8, len(real)
     n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
@@ -648,13 +871,21 @@ def run(args) -> None:
         print(f"retrain.py: {args.model} ({s['preset']}) on {s['data']}: n={n} real, lam={', '.join(config['lams'])}, "
               f"{args.iters} iterations of {kimg:g} kimg, {n_eval} samples evaluated per iteration, device {device}"
               + (f" x {world} processes" if world > 1 else "") + f" -> {out}")
-        if hasattr(model, "profile"):
-            print("retrain.py: " + ", ".join(f"{k} {v}" for k, v in model.profile.items())
-                  + f", {torch.get_num_threads()} CPU threads" + (", TF32 matmuls" if device.type == "cuda" else ""))
+        profile = getattr(model, "profile", {})
+        print("retrain.py: " + ", ".join([*(f"{k} {v}" for k, v in profile.items()), threads])
+              + (", TF32 matmuls" if device.type == "cuda" else ""))
     barrier()  # the run folder is ready before any rank looks into it
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
-        evaluate = Evaluator(real.cpu() if is_image else real, args.metrics, args.inception, n_eval, device, progress,
-                             cache=os.path.join(out, "real-features.npz"))
+        evaluate = Evaluator(real.cpu() if is_image else real, labels, args.metrics, args.inception, n_eval, device,
+                             progress, cache=os.path.join(out, "real-features.npz"),
+                             classifier_cache=args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache"),
+                             seed=args.seed)
+    if main_rank:  # what the metrics are measured with, and their noise floor, beside the run's settings
+        config["features"] = evaluate.kind
+        if evaluate.clf is not None:
+            config["classifier"] = {k: evaluate.clf_info[k] for k in ("accuracy", "hash", "n_train", "n_test")}
+        config["noise_floor"] = evaluate.floor
+        save_atomic(json.dumps(config, indent=2) + "\n", config_path)
 
     def record(it, lam, seconds, samples, extra) -> dict:
         r = {"iter": it, "lam": lam_label(lam), "n_real": 0 if math.isinf(lam) and it > 0 else n,
@@ -667,9 +898,23 @@ def run(args) -> None:
             r.update(gaussian.errors(model, *truth))
         return r
 
-    # iteration 0: computed once, shared by every lambda
+    # iteration 0: computed once, shared by every lambda, and cached across runs when it was pretrained here
+    cache = iter0_cache(args, s, out, cfg, real, max(n_gen.values()), device, world)
+    cached = cache is not None and not os.path.exists(ckpt0_path) and os.path.exists(cache)
+    global CLOCK
+    CLOCK = run_clock(args, model, cfg, lams, out, n_gen, kimg, pretraining=not (how or cached or
+                                                                              os.path.exists(ckpt0_path)))
     if os.path.exists(ckpt0_path):
         ckpt0 = load_checkpoint(ckpt0_path)
+    elif cached:
+        ckpt0 = load_checkpoint(cache)
+        rec = record(0, lams[0], ckpt0["record"]["seconds"], ckpt0["samples"], {"nfe": ckpt0["record"]["nfe"]})
+        ckpt0 = {**ckpt0, "record": rec, "how": f"{ckpt0['how']} (cached in {cache})"}
+        if main_rank:
+            save_atomic(ckpt0, ckpt0_path)
+            print(f"iteration 0: from the cache, {cache} (pretrained by an earlier run with the same model, "
+                  "settings, data, seed and code; --no-cache trains it again)")
+            print(log_line(rec))
     else:
         t0 = time.time()
         how = how or pretrain(args, model, real, cfg, progress)
@@ -679,38 +924,242 @@ def run(args) -> None:
                  "state": copy.deepcopy(model.state_dict()), "samples": samples, "record": rec, "how": how}
         if main_rank:
             save_atomic(ckpt0, ckpt0_path)
+            if cache is not None:
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                save_atomic(ckpt0, cache)
             print(log_line(rec))
     if ckpt0["samples"].shape[0] < max(n_gen.values()):
         raise UserError(f"'{ckpt0_path}' holds {ckpt0['samples'].shape[0]} samples; this run needs {max(n_gen.values())}")
+    if ckpt0["record"].get("features", evaluate.kind) != evaluate.kind:  # a run begun with other metrics
+        raise UserError(f"--resume: the run in '{out}' measured its metrics in {ckpt0['record']['features']} space, "
+                        f"this one would use {evaluate.kind}; add --metrics {ckpt0['record']['features']}")
 
     histories = {}
+    title = f"{args.model} ({s['preset']}) on {s['data']}: metrics against iteration; {evaluate.kind} features"
+    plot = functools.partial(plot_metrics, title=title, floor=evaluate.floor)
     for lam in lams:
-        lam_dir = out if len(lams) == 1 else os.path.join(out, f"lam_{lam_label(lam)}")
+        lam_dir = lam_folder(out, lams, lam)
         histories[lam_label(lam)] = retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen[lam],
-                                                n_synth[lam], is_image, progress, record, main_rank)
+                                                n_synth[lam], is_image, progress, record, main_rank, settings["regime"],
+                                                plot=plot)
         if main_rank and len(lams) > 1:
-            plot_metrics(histories, os.path.join(out, "metrics.png"))
+            plot(histories, os.path.join(out, "metrics.png"))
     barrier()
 
 
 def log_line(r: dict) -> str:
-    metrics = " ".join(f"{k} {r[k]:.4g}" for k in ("fid", "fd", "precision", "recall", "mean_err", "cov_err", "logdet") if k in r)
+    metrics = " ".join(f"{k} {r[k]:.4g}" for k in ("fid", "fd", "precision", "recall", "density", "coverage", "class_tv",
+                                                   "classes", "mean_err", "cov_err", "logdet") if k in r)
     loss = f" loss {r['loss']:.4f}" if "loss" in r else ""
     return (f"iter {r['iter']:3d} lam {r['lam']:>4}: {r['n_real']} real + {r['n_synth']} synthetic{loss} | "
             f"{metrics} ({r['features']}) | nfe {r['nfe']} | {r['seconds']:.1f} s")
 
 
-def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synth, is_image, progress, record, main_rank):
-    """Iterations 1..T for one lambda, resuming from lam_dir/ckpt.pt when it exists."""
+# ----------------------------------------------------------------------------------------------------
+# Self-consuming regimes beyond the paper: what each iteration trains on, how its samples are drawn
+#
+#   --pool   replace (the paper): generation t-1's samples replace the earlier ones; accumulate: every
+#            generation's samples are kept (Gerstgrasser et al. 2024), the training set grows by
+#            round(lam n) per iteration (and so does ckpt.pt, which holds them for --resume);
+#            accumulate-subsample: of all kept samples, round(lam n) drawn without replacement each
+#            iteration, replace's training-set size (Kazdan et al. 2024)
+#   --real   fixed (the paper): the same n real points every iteration; fresh: n new ones each iteration
+#            (images: chunk t of the data set, chunk 0 being iteration 0's real set; --data gaussian: new
+#            draws); none: no real data, round(lam n) samples alone. Alemohammad et al. 2024's three loops.
+#            lam = inf means no real data whatever --real says, as it always has
+#   --start  warm (the paper): fine-tune the previous model; scratch: iteration 0's initial weights again
+#            (seeded by --seed; step counters, EMA and Adam's moments afresh), trained for --kimg, whose
+#            default is then the preset's pretraining budget, the same as iteration 0's. (The Gaussian's fit
+#            is from scratch anyway; its init_* perturbations then apply to every fit.)
+#   --temperature  tau scales the samplers' initial noise (the Gaussian: samples of N(mu, tau^2 Sigma)). Model
+#            0 is sampled again at tau and evaluated again: the shared iteration 0 is sampled at 1
+#   --curate K     each kept sample is one of K candidates, candidate i kept with probability softmax(r)_i
+#            over the K, for the reward r of --reward (Ferbach et al. 2024). The candidates are the
+#            iteration's samples (K round(lam n) of them are drawn), whose first n_eval are evaluated as usual
+# Each record adds the training set's make-up, n_synth_by_gen {generation: samples} (and n_pool, the
+# accumulated samples, with accumulate-subsample); with a reward, "reward" (mean over the iteration's
+# samples) and "reward_kept" (mean over the curated samples it trained on). The defaults take none of the
+# branches below: they draw nothing that the paper's loop does not, and give its results bit for bit.
+
+REGIME_DEFAULTS = {"pool": "replace", "real": "fixed", "start": "warm", "temperature": 1.0, "curate": 1, "reward": None}
+FRESH_REAL, SUBSAMPLE, CURATE = 1, 2, 3  # which regime seed (regime_seed)
+
+
+@dataclasses.dataclass
+class Regime:
+    """The regime flags, checked (make_regime). config() gives config.json's fields."""
+
+    pool: str = "replace"
+    real: str = "fixed"
+    start: str = "warm"
+    temperature: float = 1.0
+    curate: int = 1                       # K candidates per kept sample; 1 = no curation
+    reward: dict | None = None            # {"kind": linear, "beta": [..]} | {"kind": quadratic, "gamma": g} |
+    #                                       {"kind": class, "class": c} | {"kind": confidence}; recorded each iteration
+    fresh: torch.Tensor | None = None     # --real fresh on images: the whole data set, cut into chunks of n
+    labelled: tuple | None = None         # --reward class | confidence: (images, labels) to train the classifier on
+
+    def config(self) -> dict:
+        return {key: getattr(self, key) for key in REGIME_DEFAULTS}
+
+
+def regime_seed(seed: int, it: int, what: int) -> int:
+    """Seeds the regime's own draws in iteration it (fresh Gaussian data, subsample, curation): below
+    train_seed, above every image seed of the iteration."""
+    return train_seed(seed, it) - what
+
+
+def make_regime(args, data_spec: str, real: torch.Tensor, lams: list[float]) -> Regime:
+    """The regime flags, checked against each other and against the data before the run starts."""
+    is_image, n = real.dtype == torch.uint8, len(real)
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"--temperature {args.temperature}: give a positive number (1 = no sampling bias)")
+    if args.curate < 1:
+        raise UserError(f"--curate {args.curate}: give the number of candidates per kept sample, 1 or more (1 = no curation)")
+    reward, labelled = None, None
+    if args.reward in ("linear", "quadratic"):
+        if is_image:
+            raise UserError(f"--reward {args.reward} is for vector data (--data gaussian); images take --reward class or confidence")
+        if len(args.beta) not in (1, real.shape[1]):
+            raise UserError(f"--beta has {len(args.beta)} values; give one, or one per coordinate ({real.shape[1]})")
+        reward = {"kind": "linear", "beta": args.beta} if args.reward == "linear" else {"kind": "quadratic", "gamma": args.gamma}
+    elif args.reward is not None:
+        if not is_image:
+            raise UserError(f"--reward {args.reward} scores images with the digits classifier; vectors take --reward linear or quadratic")
+        try:
+            labelled = data.load_labelled(data_spec, root=args.data_root)
+        except data.DataError as e:
+            raise UserError(str(e)) from None
+        if labelled[1] is None:
+            raise UserError(f"--reward {args.reward} needs class labels to train the classifier, and '{data_spec}' has none "
+                            "(digits, mnist, fashion-mnist, cifar10 or an .npz with 'labels' have them)")
+        n_classes = int(labelled[1].max()) + 1
+        if args.reward == "class" and not 0 <= args.reward_class < n_classes:
+            raise UserError(f"--reward-class {args.reward_class}: '{data_spec}' has classes 0..{n_classes - 1}")
+        reward = {"kind": "class", "class": args.reward_class} if args.reward == "class" else {"kind": "confidence"}
+    if args.curate > 1 and reward is None:
+        raise UserError(f"--curate {args.curate} keeps samples by a reward: add --reward "
+                        + ("class or confidence" if is_image else "linear or quadratic"))
+    with_real = [lam for lam in lams if not math.isinf(lam)]
+    if args.real == "none" and 0 in with_real:
+        raise UserError("--real none with --lam 0 leaves nothing to train on; give lam > 0 (synthetic samples per real image)")
+    fresh = None
+    if args.real == "fresh" and with_real and is_image:
+        try:
+            fresh = data.load_images(data_spec, root=args.data_root)
+        except data.DataError as e:
+            raise UserError(str(e)) from None
+        if (args.iters + 1) * n > len(fresh):
+            raise UserError(f"--real fresh needs {args.iters + 1} disjoint sets of {n} images (iterations 0..{args.iters}), "
+                            f"{(args.iters + 1) * n} in all, and '{data_spec}' has {len(fresh)}; lower --n-real or --iters")
+    return Regime(args.pool, args.real, args.start, args.temperature, args.curate, reward, fresh, labelled)
+
+
+def image_reward(reward: dict, labelled: tuple[torch.Tensor, torch.Tensor], device):
+    """The reward of uint8 images (N, C, H, W) -> float64 (N,): the log-probability of class reward["class"], or of
+    the most likely class ("confidence"), under the digits classifier of classifier.py, trained here on the
+    labelled data set (seconds on the digits; the same weights from its seed on every rank and at --resume)."""
+    import classifier
+
+    with torch.random.fork_rng(devices=[]):  # whatever global randomness its training draws: the same net every time
+        torch.manual_seed(0)
+        net = classifier.get(*labelled, None)[0].to(device)
+
+    def reward_of(images: torch.Tensor) -> torch.Tensor:
+        log_p = torch.from_numpy(classifier.log_probs(net, images))  # (N, classes) float64
+        return log_p[:, reward["class"]] if reward["kind"] == "class" else log_p.max(1).values
+
+    return reward_of
+
+
+def reward_function(regime: Regime, is_image: bool, device):
+    """The regime's reward as a function of samples (uint8 images or float64 vectors) -> float64 (N,), or None."""
+    if regime.reward is None:
+        return None
+    if is_image:
+        return image_reward(regime.reward, regime.labelled, device)
+    import gaussian
+
+    return gaussian.Reward(regime.reward["kind"], beta=tuple(regime.reward.get("beta", (1.0,))),
+                           gamma=regime.reward.get("gamma", 1.0))
+
+
+def real_part(regime: Regime, lam: float, real: torch.Tensor, seed: int, it: int) -> torch.Tensor | None:
+    """The real data of iteration it's training set: the run's real set (fixed), the it-th set of n (fresh:
+    chunk it of the data set, or n new draws of --data gaussian), or None."""
+    if math.isinf(lam) or regime.real == "none":
+        return None
+    if regime.real == "fixed" or it == 0:
+        return real
+    n = len(real)
+    if regime.fresh is not None:
+        return regime.fresh[it * n:(it + 1) * n].to(real.device)
+    import gaussian
+
+    return gaussian.make_data(real.shape[1], n, seed=regime_seed(seed, it, FRESH_REAL))
+
+
+def curate(samples: torch.Tensor, rewards: torch.Tensor, n_keep: int, k: int, seed: int, it: int) -> torch.Tensor:
+    """n_keep samples, sample i one of the k candidates samples[i k:(i + 1) k], candidate j kept with probability
+    softmax(rewards)_j over the k (drawn on the CPU, the same on every rank)."""
+    gen = torch.Generator().manual_seed(regime_seed(seed, it, CURATE))
+    pick = torch.multinomial(torch.softmax(rewards[:n_keep * k].view(n_keep, k), 1), 1, generator=gen)[:, 0]
+    if dist.is_initialized():  # rank 0's choice: rewards computed on different machines may differ in the last bits
+        shared = [pick]
+        dist.broadcast_object_list(shared, src=0)
+        pick = shared[0]
+    return samples[:n_keep * k].view(n_keep, k, *samples.shape[1:])[torch.arange(n_keep), pick]
+
+
+def synthetic_part(regime: Regime, gens: list[torch.Tensor], n_synth: int, seed: int, it: int):
+    """The synthetic data of iteration it's training set from the kept samples of generations 0..it-1 (gens;
+    replace holds the last one only) and its make-up {generation: count}: all of them, or n_synth drawn
+    without replacement (accumulate-subsample)."""
+    first = it - len(gens)  # the generation of gens[0]
+    origin = torch.cat([torch.full((len(g),), first + k) for k, g in enumerate(gens)])
+    synth = torch.cat(gens) if len(gens) > 1 else gens[0]
+    if regime.pool == "accumulate-subsample" and len(gens) > 1:
+        keep = torch.randperm(len(synth), generator=torch.Generator().manual_seed(regime_seed(seed, it, SUBSAMPLE)))
+        keep = keep[:n_synth].sort().values
+        synth, origin = synth[keep], origin[keep]
+    gen_ids, counts = origin.unique(return_counts=True)
+    return synth, {str(g): c for g, c in zip(gen_ids.tolist(), counts.tolist())}
+
+
+def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synth, is_image, progress, record, main_rank,
+                regime: Regime | None = None, plot=plot_metrics):
+    """Iterations 1..T for one lambda, resuming from lam_dir/ckpt.pt when it exists.
+
+    Iteration t trains on real_part (the real data of the iteration) plus synthetic_part: the kept samples
+    of generation t-1 (the first n_synth of its samples, or n_synth curated from K n_synth candidates), with
+    those of earlier generations when accumulating (gens, kept in the checkpoint for --resume)."""
+    regime = regime or Regime()  # the paper's loop
     ckpt_path = os.path.join(lam_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):
+    n_gen = max(n_gen, regime.curate * n_synth)  # curation: K candidates per kept sample
+    reward = reward_function(regime, is_image, real.device)
+    resumed = os.path.exists(ckpt_path)
+    if resumed:
         ckpt = load_checkpoint(ckpt_path)
         if main_rank:
             print(f"lam {lam_label(lam)}: resuming after iteration {ckpt['iter']}")
     else:
         ckpt = {**ckpt0, "lam": lam_label(lam), "history": [{**ckpt0["record"], "lam": lam_label(lam)}]}
     model.load_state_dict(copy.deepcopy(ckpt["state"]))  # a copy: training must not touch iteration 0's state
-    samples, history = ckpt["samples"], ckpt["history"]
+    samples, history, gens = ckpt["samples"], ckpt["history"], ckpt.get("pool", [])
+    if not resumed:  # iteration 0 as this regime sees it: its samples at the temperature, K per kept one
+        if regime.temperature != 1 or len(samples) < n_gen:
+            t0 = time.time()
+            samples = sample(model, n_gen, args.seed, 0, cfg.sample_batch, is_image, progress, regime.temperature)
+            if regime.temperature != 1:  # other samples than the shared iteration 0's: evaluated again
+                history[0] = {**history[0], **record(0, lam, time.time() - t0, samples, {"nfe": model.nfe})}
+                if main_rank:
+                    print(f"{log_line(history[0])}   (sampled again at temperature {regime.temperature:g})")
+        history[0] = {**history[0], "n_synth_by_gen": {}}
+        if reward is not None:
+            history[0]["reward"] = reward(samples).mean().item()
+    if regime.start == "scratch":  # the initial weights of iteration 0, the start of every iteration
+        torch.manual_seed(args.seed)
+        blank = type(model)(cfg, real.device).state_dict()  # (the images are on the model's device)
     if main_rank:
         os.makedirs(os.path.join(lam_dir, "samples"), exist_ok=True)
         if is_image:
@@ -719,32 +1168,96 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
     last_plot = time.time()  # the plot is redrawn every 30 s and at the end
     for it in range(ckpt["iter"] + 1, args.iters + 1):
         t0 = time.time()
-        synth = samples[:n_synth].to(real.device)
-        train_set = synth if math.isinf(lam) else torch.cat([real, synth])
+        kept, kept_reward = samples[:n_synth], {}  # generation it-1's share of the training set
+        if regime.curate > 1 and n_synth:
+            kept = curate(samples, reward(samples), n_synth, regime.curate, args.seed, it)
+            kept_reward = {"reward_kept": reward(kept).mean().item()}
+        gens = [*gens, kept] if regime.pool != "replace" else [kept]
+        synth, by_gen = synthetic_part(regime, gens, n_synth, args.seed, it)
+        synth = synth.to(real.device)
+        real_t = real_part(regime, lam, real, args.seed, it)
+        train_set = synth if real_t is None else torch.cat([real_t, synth])
+        made = {"n_real": 0 if real_t is None else len(real_t), "n_synth": len(synth), "n_synth_by_gen": by_gen,
+                **({"n_pool": sum(map(len, gens))} if regime.pool == "accumulate-subsample" else {}), **kept_reward}
+        if regime.start == "scratch":
+            model.load_state_dict(blank)
         stats = train(model, train_set, kimg, cfg, args.seed, it, progress, f"train it {it} lam {lam_label(lam)}")
-        samples = sample(model, n_gen, args.seed, it, cfg.sample_batch, is_image, progress)
-        rec = record(it, lam, time.time() - t0, samples, {**stats, "nfe": model.nfe})
+        samples = sample(model, n_gen, args.seed, it, cfg.sample_batch, is_image, progress, regime.temperature)
+        if reward is not None:
+            made["reward"] = reward(samples).mean().item()
+        rec = record(it, lam, time.time() - t0, samples, {**made, **stats, "nfe": model.nfe})
         history.append(rec)
         if main_rank:
             save_atomic({"format": CKPT_FORMAT, "model": args.model, "config": ckpt["config"], "iter": it,
-                         "lam": lam_label(lam), "state": model.state_dict(), "samples": samples, "history": history},
-                        ckpt_path)
+                         "lam": lam_label(lam), "state": model.state_dict(), "samples": samples, "history": history,
+                         **({"pool": gens} if regime.pool != "replace" else {})}, ckpt_path)
             write_metrics(history, os.path.join(lam_dir, "metrics.jsonl"))
             if is_image:
                 save_grid(samples, os.path.join(lam_dir, "samples", f"iter{it:03d}.png"))
             if time.time() - last_plot > 30:
-                plot_metrics({lam_label(lam): history}, os.path.join(lam_dir, "metrics.png"))
+                plot({lam_label(lam): history}, os.path.join(lam_dir, "metrics.png"))
                 last_plot = time.time()
             print(log_line(rec))
     if main_rank:
-        plot_metrics({lam_label(lam): history}, os.path.join(lam_dir, "metrics.png"))
+        plot({lam_label(lam): history}, os.path.join(lam_dir, "metrics.png"))
     return history
+
+
+def run_seeds(args) -> None:
+    """--seeds: the same run once per seed, each in its own folder, then the mean and spread over seeds."""
+    base = args.out or os.path.join("runs", f"{args.model}-seeds-" + "-".join(map(str, args.seeds)))
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError("--seeds lists a seed twice")
+    for seed in args.seeds:
+        one = copy.copy(args)
+        one.seed, one.seeds, one.out = seed, None, os.path.join(base, f"seed_{seed}")
+        if rank_world()[0] == 0:
+            print(f"retrain.py: seed {seed} of {', '.join(map(str, args.seeds))} -> {one.out}")
+        run(one)
+    if rank_world()[0] == 0:
+        summarize_seeds(base, args.seeds)
+
+
+def summarize_seeds(base: str, seeds: list[int]) -> dict:
+    """Per lambda and iteration, the mean and standard deviation over seeds of every metric, into
+    base/seeds.json and base/metrics.png, and the last iteration's as lines of text."""
+    configs = [json.load(open(os.path.join(base, f"seed_{seed}", "config.json"))) for seed in seeds]
+    lams = configs[0]["lams"]
+    histories = {}
+    for lam in lams:
+        folder = (lambda seed: os.path.join(base, f"seed_{seed}")) if len(lams) == 1 else \
+            (lambda seed: os.path.join(base, f"seed_{seed}", f"lam_{lam}"))
+        histories[lam] = [[json.loads(line) for line in open(os.path.join(folder(seed), "metrics.jsonl"))]
+                          for seed in seeds]
+    summary = {"seeds": seeds, "features": configs[0].get("features"), "noise_floor": configs[0].get("noise_floor"),
+               "lams": {}}
+    for lam, hs in histories.items():
+        rows = []
+        for it in sorted({r["iter"] for h in hs for r in h}):
+            recs = [r for h in hs for r in h if r["iter"] == it]
+            keys = [k for k in PANELS if all(k in r for r in recs)]
+            rows.append({"iter": it, "seeds": len(recs),
+                         **{k: [float(np.mean([r[k] for r in recs])),
+                                float(np.std([r[k] for r in recs], ddof=1)) if len(recs) > 1 else 0.0] for k in keys}})
+        summary["lams"][lam] = rows
+        last = rows[-1]
+        print(f"seeds {', '.join(map(str, seeds))}, lam {lam}, iteration {last['iter']} ({last['seeds']} seeds): "
+              + ", ".join(f"{k} {last[k][0]:.4g} +- {last[k][1]:.2g}" for k in PANELS if k in last))
+    save_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(base, "seeds.json"))
+    c = configs[0]
+    plot_metrics(histories, os.path.join(base, "metrics.png"), floor=c.get("noise_floor"),
+                 title=f"{c['model']} ({c['preset']}) on {c['data']}: mean and one standard deviation over "
+                       f"{len(seeds)} seeds; {c.get('features', '')} features")
+    return summary
 
 
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        run(args)
+        if args.seeds:
+            run_seeds(args)
+        else:
+            run(args)
     except UserError as e:
         print(f"retrain.py: error: {e}", file=sys.stderr)
         return 2

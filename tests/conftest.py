@@ -2,8 +2,13 @@
 gains them nothing, and on a machine whose cores are busy with other work it slows them many times
 over. (Subprocesses started by the tests set OMP_NUM_THREADS=1 for the same reason.)"""
 
+import os
+
 import pytest
 import torch
+
+# retrain.py picks its CPU threads from the free cores unless OMP_NUM_THREADS says; in-process runs keep one
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

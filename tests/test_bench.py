@@ -379,3 +379,19 @@ def test_gpu_check_torchrun(tmp_path, monkeypatch):
     assert bench.torchrun_procs({**s, "torchrun_procs": 3}, 4) == 2
     assert bench.torchrun_procs({**s, "torchrun_procs": 6}, 512) == 4
     assert bench.torchrun_procs({**s, "torchrun_procs": 8}, 512) == 8
+
+
+def test_demo_projects_the_readme_command(monkeypatch):
+    """--demo: each small preset timed at its own batch and sample_batch, and the README command's minutes as
+    pretraining (steps x s/step + 1,797 samples) plus 20 iterations (steps x s/step + 1,797 samples)."""
+    import otcfm
+
+    monkeypatch.setitem(otcfm.PRESETS, "small", {**otcfm.PRESETS["small"], "batch": 16, "sample_batch": 8,
+                                                 "pretrain_kimg": 1.6, "kimg": 0.32})
+    res, out = run_bench(["--demo", "--model", "otcfm", "--threads", "1", "--iters", "1"])
+    (row,) = res["demo"]
+    assert row["model"] == "otcfm" and row["batch"] == 16 and row["pretrain_steps"] == 100 and row["iter_steps"] == 20
+    pre = 100 * row["step_s"] + 1797 * row["sample_ms"] / 1000
+    it = 20 * row["step_s"] + 1797 * row["sample_ms"] / 1000
+    assert row["iter_s"] == pytest.approx(it) and row["readme_min"] == pytest.approx((pre + 20 * it) / 60)
+    assert "README cmd min" in out and res["header"]["capability"] == torch.backends.cpu.get_cpu_capability()

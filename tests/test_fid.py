@@ -1,6 +1,8 @@
 """Tests of fid.py: the Inception network and features against pytorch-fid fixtures, the Fréchet distance
 against closed forms, precision/recall against a brute-force reading of Kynkäänniemi et al. 2019,
-the reference cache and the command line.
+density/coverage against Naeem et al. 2020 (brute force and the expectations of their Lemmas 1-2), the
+k-NN tie rule on grey-level grids, the class histogram, the noise floor, the reference cache and the
+command line.
 
     pytest -q tests/test_fid.py
 """
@@ -219,6 +221,105 @@ def test_precision_recall_identical_and_half_covered():
     assert precision > 0.95 and 0.45 < recall <= 0.5
     both = np.concatenate([rng.normal(size=(250, 2)), rng.normal(size=(250, 2)) + 20.0])
     assert fid.precision_recall(real, both, device="cpu")[1] > 0.9
+
+
+# ----------------------------------------------------------------------------------------------------
+# Density and coverage, the tie rule, class metrics and the noise floor
+
+
+def brute_force_prdc(real, fake, k, inclusive=False):
+    """Naeem et al. 2020, eqs. 1-4, in float64 numpy, every distance at once."""
+    inside = np.less_equal if inclusive else np.less
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=-1)
+    d_ff = np.linalg.norm(fake[:, None] - fake[None], axis=-1)
+    r_real, r_fake = np.sort(d_rr, axis=1)[:, k], np.sort(d_ff, axis=1)[:, k]     # column 0: the point itself
+    d = np.linalg.norm(real[:, None] - fake[None], axis=-1)                        # (N, M)
+    in_real = inside(d, r_real[:, None])                                           # fake j in the ball of real i
+    in_fake = inside(d, r_fake[None])                                              # real i in the ball of fake j
+    return {"precision": in_real.any(0).mean(), "recall": in_fake.any(1).mean(),
+            "density": in_real.sum() / (k * len(fake)), "coverage": in_real.any(1).mean()}
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_prdc_matches_brute_force_in_chunks(k):
+    rng = np.random.default_rng(10 + k)
+    real, fake = rng.normal(size=(140, 6)), rng.normal(size=(110, 6)) * 1.3 + 0.4
+    expected = brute_force_prdc(real, fake, k)
+    assert all(0.1 < v < 1 for v in expected.values())                             # the radii decide every metric
+    for chunk in (10000, 29):
+        got = fid.prdc(real, fake, k=k, device="cpu", chunk=chunk)
+        assert got == pytest.approx(expected, abs=1e-12)
+        assert fid.precision_recall(real, fake, k=k, device="cpu", chunk=chunk) == (got["precision"], got["recall"])
+
+
+def test_tie_rule_by_hand_on_grey_levels():
+    # 1-d, k = 1, grey levels 0..16. Real radii: 0 -> 0 (its copy), 0 -> 0, 4 -> 4, 8 -> 4; fake radii: 0 -> 4,
+    # 4 -> 2, 6 -> 2. Strict: fake 0 lies in no ball (its distance 0 equals the copies' radius 0, and 4 equals
+    # the radius of 4); inclusive (<=): it lies in three, and real 0, 0 and 8 sit exactly on a boundary too.
+    real, fake = np.array([[0.0], [0.0], [4.0], [8.0]]), np.array([[0.0], [4.0], [6.0]])
+    strict = {"precision": 2 / 3, "recall": 3 / 4, "density": 3 / 3, "coverage": 2 / 4}
+    inclusive = {"precision": 1.0, "recall": 1.0, "density": 7 / 3, "coverage": 1.0}
+    assert fid.prdc(real, fake, k=1, device="cpu") == pytest.approx(strict, abs=1e-12)
+    assert fid.prdc(real, fake, k=1, device="cpu", inclusive=True) == pytest.approx(inclusive, abs=1e-12)
+    assert brute_force_prdc(real, fake, 1) == pytest.approx(strict) and \
+        brute_force_prdc(real, fake, 1, inclusive=True) == pytest.approx(inclusive)
+
+
+def test_tie_rule_on_a_17_level_grid():
+    """2-d points on the digits' 17 grey levels: distances repeat, and the two rules give other numbers.
+    The default is the strict rule (fld's); float32 distances of small integers are exact, so both rules
+    match the float64 brute force exactly, here through the matrix-product path of cdist (> 25 rows)."""
+    rng = np.random.default_rng(12)
+    real, fake = rng.integers(0, 17, size=(80, 2)).astype(float), rng.integers(0, 17, size=(70, 2)).astype(float)
+    strict, inclusive = brute_force_prdc(real, fake, 3), brute_force_prdc(real, fake, 3, inclusive=True)
+    assert all(inclusive[m] > strict[m] + 0.02 for m in strict)                    # ties change every metric
+    for chunk in (10000, 7):
+        assert fid.prdc(real, fake, device="cpu", chunk=chunk) == pytest.approx(strict, abs=1e-12)
+        assert fid.prdc(real, fake, device="cpu", chunk=chunk, inclusive=True) == pytest.approx(inclusive, abs=1e-12)
+
+
+@pytest.mark.parametrize("n_real,n_fake,k", [(100, 100, 3), (60, 180, 3), (150, 50, 5)])
+def test_coverage_and_density_of_one_distribution_match_their_expectations(n_real, n_fake, k):
+    """Naeem et al. 2020: E[coverage] = 1 - prod_{i=1..k} (N - i)/(N + M - i) (Lemma 2), E[density] = 1
+    (Lemma 1), for real and fake samples of one distribution; 300 draws, within 4 standard errors."""
+    rng = np.random.default_rng(n_real + n_fake + k)
+    runs = [fid.prdc(rng.normal(size=(n_real, 4)), rng.normal(size=(n_fake, 4)), k=k, device="cpu") for _ in range(300)]
+    for name, expected in (("coverage", fid.expected_coverage(n_real, n_fake, k)), ("density", 1.0)):
+        values = np.array([r[name] for r in runs])
+        assert abs(values.mean() - expected) < 4 * values.std(ddof=1) / np.sqrt(len(values)), name
+    assert fid.expected_coverage(100, 100, 3) == pytest.approx(1 - (99 * 98 * 97) / (199 * 198 * 197))
+    assert abs(fid.expected_coverage(60, 180, 3) - fid.expected_coverage(100, 100, 3)) > 0.1  # the test can tell
+
+
+def test_class_metrics_by_hand():
+    real = np.array([0] * 50 + [1] * 30 + [2] * 20)                                # shares 0.5, 0.3, 0.2
+    pred = np.array([0] * 6 + [1] * 3 + [2] * 1)                                   # shares 0.6, 0.3, 0.1
+    m = fid.class_metrics(pred, real, 3)
+    assert m == {"class_tv": pytest.approx(0.1), "classes": 3, "class_hist": [6, 3, 1]}
+    collapsed = np.array([0] * 95 + [2] * 5)                                       # class 1 lost, class 2 thinned
+    m = fid.class_metrics(collapsed, real, 4)                                      # a fourth class, absent from both
+    assert m["class_tv"] == pytest.approx(0.5 * (0.45 + 0.3 + 0.15)) and m["class_hist"] == [95, 0, 5, 0]
+    assert m["classes"] == 2 and fid.class_metrics(collapsed, real, 4, min_frac=0.3)["classes"] == 1  # 5 <= 0.3*20
+    assert fid.class_metrics(np.array([0] * 99 + [1]), real, 3)["classes"] == 1                     # 1 <= 0.1*30
+    assert fid.class_metrics(np.array([0] * 99 + [1]), real, 3, min_frac=0)["classes"] == 2         # count > 0
+    with pytest.raises(ValueError):
+        fid.class_metrics(np.array([0, 3]), real, 3)
+
+
+def test_feature_metrics_and_noise_floor():
+    rng = np.random.default_rng(13)
+    feats, labels = rng.normal(size=(401, 5)), rng.integers(0, 4, size=401)
+    floor = fid.noise_floor(feats, seed=3, labels=labels)
+    perm = np.random.default_rng(3).permutation(401)
+    a, b = perm[:200], perm[200:400]                                               # disjoint halves of 200
+    assert floor == {**fid.feature_metrics(feats[a], feats[b]), **fid.class_metrics(labels[b], labels[a], 4),
+                     "n_half": 200, "seed": 3}
+    assert floor["fd"] == pytest.approx(fid.frechet_distance(*fid.feature_stats(feats[b]), *fid.feature_stats(feats[a]),
+                                                             method="eigh"))
+    assert fid.noise_floor(feats, seed=3, labels=labels) == floor and fid.noise_floor(feats, seed=4)["fd"] != floor["fd"]
+    assert set(fid.noise_floor(feats)) == {"fd", "precision", "recall", "density", "coverage", "n_half", "seed"}
+    shifted = fid.feature_metrics(feats[a], feats[b] + 1.0)                        # a real change stands above it
+    assert shifted["fd"] > 4 + floor["fd"] and shifted["coverage"] < floor["coverage"] - 0.3
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""The loop's metrics on small images: the learned feature space by default on the digits, the class
+histogram, density and coverage, the pixel view, the noise floor, and replicates over seeds."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import retrain
+from test_retrain import mean_module, metrics, run
+
+TINY_DDPM = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", 200, "--lam", 1, "--iters", 1,
+             "--set", "batch=16", "--set", "sample_batch=100", "--set", "sample_steps=2", "--set", "pretrain_kimg=0.032",
+             "--set", "kimg=0.032", "--no-cache"]
+
+
+@pytest.fixture
+def meanmodel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "meanmodel", mean_module())
+    monkeypatch.setattr(retrain, "MODELS", retrain.MODELS + ("meanmodel",))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "run"
+    assert run(out, *TINY_DDPM) == 0
+    return out
+
+
+def test_digits_are_measured_in_the_classifier_space_by_default(digits_run):
+    """--metrics auto on the labelled 8x8 digits: a classifier's features (its accuracy recorded), the class
+    histogram of the samples, density and coverage, and the pixel-space metrics as a second view."""
+    config = json.load(open(digits_run / "config.json"))
+    assert config["features"] == "classifier" and config["classifier"]["accuracy"] > 0.8  # trained on 160 images
+    for r in metrics(digits_run / "metrics.jsonl"):
+        assert r["features"] == "classifier"
+        for key in ("fd", "precision", "recall", "density", "coverage", "class_tv", "classes",
+                    "pixel_fd", "pixel_precision", "pixel_recall", "pixel_density", "pixel_coverage"):
+            assert np.isfinite(r[key]), key
+        assert len(r["class_hist"]) == 10 and sum(r["class_hist"]) == 200  # every sample has a class
+        assert 0 <= r["class_tv"] <= 1 and 0 <= r["coverage"] <= 1
+    assert (digits_run / "metrics.png").stat().st_size > 1000
+
+
+def test_the_noise_floor_is_recorded_once_per_run(digits_run):
+    """Two disjoint halves of the real set (100 + 100 images here): near-ideal precision and recall, a small
+    distance; far from what 2 training steps of a U-Net give."""
+    floor = json.load(open(digits_run / "config.json"))["noise_floor"]
+    assert floor["n_half"] == 100 and floor["classes"] == 10
+    first = metrics(digits_run / "metrics.jsonl")[0]
+    assert floor["fd"] < first["fd"] / 5 and floor["coverage"] > first["coverage"]
+    assert floor["pixel_fd"] < first["pixel_fd"]
+
+
+def test_resuming_a_run_measured_in_another_space_is_refused(digits_run, tmp_path, capsys):
+    """A run begun before the digits' default space changed (its iteration 0 measured in pixels) cannot go on
+    in classifier space: one history would mix two feature spaces."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(digits_run, tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "iter0.pt", weights_only=True)
+    ckpt["record"]["features"] = "pixel"
+    torch.save(ckpt, tmp_path / "run" / "iter0.pt")
+    assert run(tmp_path / "run", *TINY_DDPM[:-1], "--iters", 2, "--resume") == 2
+    assert "measured its metrics in pixel space, this one would use classifier; add --metrics pixel" in \
+        capsys.readouterr().err
+
+
+def test_seeds_are_independent_replicates_summarized_by_mean_and_spread(tmp_path, meanmodel):
+    """--seeds 0 1 2: one run per seed (iteration 0 included: different seeds, different models), then the
+    mean and standard deviation per iteration; the same seed twice gives the same metrics."""
+    common = ["--model", "meanmodel", "--data", "digits", "--n-real", 60, "--lam", 0, 1, "--iters", 2,
+              "--metrics", "pixel", "--no-cache"]
+    assert run(tmp_path / "s", *common, "--seeds", 0, 1, 2) == 0
+    firsts = [metrics(tmp_path / "s" / f"seed_{s}" / "lam_0" / "metrics.jsonl")[0]["fd"] for s in (0, 1, 2)]
+    assert len(set(firsts)) == 3  # three different iterations 0
+    summary = json.load(open(tmp_path / "s" / "seeds.json"))
+    assert summary["seeds"] == [0, 1, 2] and set(summary["lams"]) == {"0", "1"}
+    row0 = summary["lams"]["0"][0]
+    assert row0["iter"] == 0 and row0["seeds"] == 3
+    assert row0["fd"][0] == pytest.approx(np.mean(firsts)) and row0["fd"][1] == pytest.approx(np.std(firsts, ddof=1))
+    assert (tmp_path / "s" / "metrics.png").stat().st_size > 1000
+    assert run(tmp_path / "again", *common, "--seed", 1) == 0
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(metrics(tmp_path / "again" / "lam_1" / "metrics.jsonl")) == \
+        strip(metrics(tmp_path / "s" / "seed_1" / "lam_1" / "metrics.jsonl"))

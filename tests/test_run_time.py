@@ -1,0 +1,102 @@
+"""What makes a first run quick and says how long it takes: iteration 0 cached across runs, the CPU threads
+chosen from the free cores, and the run's time estimated from its first measured steps."""
+
+import sys
+
+import pytest
+import torch
+
+import retrain
+from test_retrain import mean_module, metrics, run
+
+TOY = ["--model", "meanmodel", "--data", "digits", "--n-real", 50, "--lam", 1, "--iters", 1, "--metrics", "pixel"]
+
+
+@pytest.fixture
+def meanmodel(monkeypatch):
+    monkeypatch.setitem(sys.modules, "meanmodel", mean_module())
+    monkeypatch.setattr(retrain, "MODELS", retrain.MODELS + ("meanmodel",))
+
+
+def without_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_iteration_0_is_cached_across_runs(tmp_path, meanmodel, capsys):
+    """A second run with the same model, settings, data and seed starts from the first run's iteration 0
+    (and says so), with the same metrics; another seed, or --no-cache, trains it again."""
+    assert run(tmp_path / "a", *TOY) == 0
+    first = capsys.readouterr().out
+    assert "training from scratch" in first and "from the cache" not in first
+    cached = list((tmp_path / "cache").glob("meanmodel-iter0-*.pt"))
+    assert len(cached) == 1
+    assert run(tmp_path / "b", *TOY, "--iters", 2) == 0  # more iterations: the same iteration 0
+    second = capsys.readouterr().out
+    assert "from the cache" in second and "training from scratch" not in second
+    a, b = metrics(tmp_path / "a" / "metrics.jsonl"), metrics(tmp_path / "b" / "metrics.jsonl")
+    assert without_time(b[:2]) == without_time(a)  # iteration 0 (and so iteration 1) unchanged
+    assert torch.equal(retrain.load_checkpoint(str(tmp_path / "a" / "iter0.pt"))["samples"],
+                       retrain.load_checkpoint(str(tmp_path / "b" / "iter0.pt"))["samples"])
+    assert run(tmp_path / "c", *TOY, "--seed", 1) == 0
+    assert "training from scratch" in capsys.readouterr().out  # another seed: another iteration 0
+    assert run(tmp_path / "d", *TOY, "--no-cache") == 0
+    assert "training from scratch" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # seeds 0 and 1
+
+
+def test_cache_key_follows_everything_iteration_0_depends_on(tmp_path, meanmodel):
+    """The cache file's name changes with the Config, the data, the seed and the number of samples."""
+    args = retrain.build_parser().parse_args(list(map(str, TOY)))
+    s = retrain.resolve(args, torch.device("cpu"))
+    mod = s["module"]
+    real = retrain.data.load_images("digits", n=50)
+
+    def key(cfg=mod.Config(), data=real, samples=50, seed=0):
+        args.seed = seed
+        return retrain.iter0_cache(args, s, str(tmp_path / "run"), cfg, data, samples, torch.device("cpu"), 1)
+
+    base = key()
+    assert base == key() and base.startswith(str(tmp_path / "cache"))
+    others = [key(cfg=mod.Config(batch=8)), key(data=real.flip(0)), key(samples=100), key(seed=1)]
+    assert len({base, *others}) == 5
+    args.init = "x.pt"
+    assert key() is None  # --init: nothing to cache
+
+
+@pytest.mark.parametrize("cores,load,world,expected", [(2, 0.05, 1, 2), (2, 1.1, 1, 1), (2, 4.0, 1, 1),
+                                                       (8, 2.2, 1, 6), (8, 0.0, 2, 4)])
+def test_default_threads_never_take_a_busy_core(monkeypatch, cores, load, world, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(retrain.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(retrain.os, "getloadavg", lambda: (load, load, load))
+    threads = torch.get_num_threads()
+    try:
+        said = retrain.cpu_threads(None, world)
+        assert torch.get_num_threads() == expected and said.startswith(f"{expected} CPU threads ({cores} cores")
+        assert retrain.cpu_threads(3, world) == "3 CPU threads (--threads)" and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_run_says_its_time_once(capsys):
+    """estimate = steps x measured s/step + samples x measured s/sample, summed over the work to come."""
+    clock = retrain.RunClock(per_sample=0.01, probe=64, work=[("pretraining", 600, 1000), ("lam 1: 20 iterations",
+                                                                                          20 * 100, 20 * 1000)])
+    clock.first_steps(0.05, 25, 0)
+    clock.first_steps(0.5, 25, 1)  # said once only
+    out = capsys.readouterr()
+    text = out.out + out.err
+    # pretraining 600 x 0.05 + 1000 x 0.01 = 40 s; iterations 2000 x 0.05 + 20000 x 0.01 = 300 s
+    assert text.count("estimate:") == 1 and "estimate: 5.7 min in all, pretraining 0.7 min + lam 1: 20 iterations 5.0 min" in text
+
+
+def test_the_estimate_comes_within_the_first_steps(tmp_path, meanmodel, capsys, monkeypatch):
+    """In a real run the estimate line comes after the first LOSS_EVERY steps of pretraining, before iteration 0
+    ends, and counts the pretraining and every lambda's iterations."""
+    monkeypatch.setattr(retrain, "LOSS_EVERY", 5)
+    assert run(tmp_path / "a", *TOY[:6], "--lam", 0, 1, "--iters", 2, "--metrics", "pixel") == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("estimate:"))
+    assert at < next(i for i, line in enumerate(lines) if line.startswith("iter   0"))
+    assert "pretraining" in lines[at] and "lam 0: 2 iterations" in lines[at] and "lam 1: 2 iterations" in lines[at]
