@@ -34,7 +34,8 @@ The model interface (ddpm.py, edm.py, otcfm.py and gaussian.py all implement it;
     make_config(preset, **overrides) -> Config
     OFFICIAL_URLS {"cifar10": url, ...}: released checkpoints for --init official
     Model(cfg, device)
-      .train_step(x) -> float   one optimizer step on x, float32 (B, C, H, W) in [-1, 1]; returns the loss
+      .train_step(x) -> loss    one optimizer step on x, float32 (B, C, H, W) in [-1, 1]; returns the loss
+                                as a 0-dim tensor on the device, which the loop reads every LOSS_EVERY steps
                                 (or .fit(x) for a closed-form model, called once per iteration)
       .generate(seeds) -> x     float32 (N, C, H, W) in [-1, 1]; image i depends only on seeds[i]
                                 (with --temperature only: generate(seeds, temperature), the initial noise scaled)
