@@ -547,9 +547,9 @@ def write_metrics(history: list[dict], path: str) -> None:
     save_atomic("".join(json.dumps(r) + "\n" for r in history), path)
 
 
-def save_grid(samples: torch.Tensor, path: str, n: int = 64) -> None:
-    """The first n images as one PNG (tiny images are enlarged, pixels kept square)."""
-    from PIL import Image
+def save_grid(samples: torch.Tensor, path: str, n: int = 64, title: str = "") -> None:
+    """The first n images as one PNG (tiny images are enlarged, pixels kept square), under a line of title."""
+    from PIL import Image, ImageDraw
 
     x = samples[:n]
     c, h, w = x.shape[1:]
@@ -562,7 +562,13 @@ def save_grid(samples: torch.Tensor, path: str, n: int = 64) -> None:
     scale = max(1, 256 // grid.shape[-1])
     grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     arr = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
+    image = Image.fromarray(arr)
+    if title:  # a white strip above the grid, the title in PIL's built-in font
+        titled = Image.new(image.mode, (image.width, image.height + 14), 255 if c == 1 else (255, 255, 255))
+        titled.paste(image, (0, 14))
+        ImageDraw.Draw(titled).text((2, 1), title, fill=0 if c == 1 else (0, 0, 0))
+        image = titled
+    image.save(path)
 
 
 PANELS = {"fid": "FID (Inception)", "fd": "Frechet distance", "precision": "precision", "recall": "recall",
@@ -1164,7 +1170,8 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
     if main_rank:
         os.makedirs(os.path.join(lam_dir, "samples"), exist_ok=True)
         if is_image:
-            save_grid(samples, os.path.join(lam_dir, "samples", "iter000.png"))
+            save_grid(samples, os.path.join(lam_dir, "samples", "iter000.png"),
+                      title=f"{args.model}, lam {lam_label(lam)}, iteration 0")
         write_metrics(history, os.path.join(lam_dir, "metrics.jsonl"))
     last_plot = time.time()  # the plot is redrawn every 30 s and at the end
     for it in range(ckpt["iter"] + 1, args.iters + 1):
@@ -1194,7 +1201,8 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
                          **({"pool": gens} if regime.pool != "replace" else {})}, ckpt_path)
             write_metrics(history, os.path.join(lam_dir, "metrics.jsonl"))
             if is_image:
-                save_grid(samples, os.path.join(lam_dir, "samples", f"iter{it:03d}.png"))
+                save_grid(samples, os.path.join(lam_dir, "samples", f"iter{it:03d}.png"),
+                          title=f"{args.model}, lam {lam_label(lam)}, iteration {it}")
             if time.time() - last_plot > 30:
                 plot({lam_label(lam): history}, os.path.join(lam_dir, "metrics.png"))
                 last_plot = time.time()
@@ -1226,10 +1234,9 @@ def summarize_seeds(base: str, seeds: list[int]) -> dict:
     lams = configs[0]["lams"]
     histories = {}
     for lam in lams:
-        folder = (lambda seed: os.path.join(base, f"seed_{seed}")) if len(lams) == 1 else \
-            (lambda seed: os.path.join(base, f"seed_{seed}", f"lam_{lam}"))
-        histories[lam] = [[json.loads(line) for line in open(os.path.join(folder(seed), "metrics.jsonl"))]
-                          for seed in seeds]
+        logs = [os.path.join(lam_folder(os.path.join(base, f"seed_{seed}"), lams, float(lam)), "metrics.jsonl")
+                for seed in seeds]
+        histories[lam] = [[json.loads(line) for line in open(log)] for log in logs]
     summary = {"seeds": seeds, "features": configs[0].get("features"), "noise_floor": configs[0].get("noise_floor"),
                "lams": {}}
     for lam, hs in histories.items():
