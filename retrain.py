@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ddpm", choices=MODELS, help="the generative model")
     p.add_argument("--lam", nargs="+", default=["1"], help="synthetic images per real image; several run one after another; inf = fully synthetic")
     p.add_argument("--iters", type=int, default=20, help="retraining iterations after iteration 0")
-    p.add_argument("--data", default=None, help="cifar10 | digits | gaussian | folder | .zip | .npy/.npz (default: chosen by --preset auto)")
+    p.add_argument("--data", default=None, help="cifar10 | digits | mnist | fashion-mnist (padded to 32x32) | gaussian | "
+                   "folder | .zip | .npy/.npz (default: chosen by --preset auto)")
     p.add_argument("--data-root", default="data", help="where cifar10 is downloaded")
     p.add_argument("--n-real", type=int, default=None, help="use only the first N real images (gaussian: draw N; default 1000)")
     p.add_argument("--dim", type=int, default=2, help="dimension of --data gaussian")
@@ -111,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="auto", help="auto | paper | small (or another preset of the model); auto: paper on CUDA, small on CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a field of the model's Config (repeatable)")
     p.add_argument("--metrics", default="auto", choices=("auto", "inception", "classifier", "pixel"),
-                   help="feature space of the metrics; auto: a classifier trained on the labels for small labelled "
-                   "images (the digits), Inception for images of 32 px or more when its weights are available, "
-                   "else pixels")
+                   help="feature space of the metrics; auto: a classifier trained on the labels for labelled images "
+                   "under 32 px or in greyscale (digits, mnist), Inception for other images of 32 px or more when "
+                   "its weights are available, else pixels")
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (else downloaded)")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last completed iteration")
@@ -400,8 +401,8 @@ class Evaluator:
 
         inception   Inception-v3 pool features (FID): images of 32 px or more, when the weights are available
         classifier  the penultimate features of a small classifier trained on the real set's labels
-                    (classifier.py): the default for small labelled images (the digits), where Inception's
-                    299-px view of an 8x8 image means little and raw pixels judge poorly
+                    (classifier.py): the default for labelled images under 32 px or in greyscale (the digits,
+                    MNIST), where Inception's 299-px colour view means little and raw pixels judge poorly
         pixel       raw pixels (--metrics pixel, or small images without labels)
         raw         the vectors of --data gaussian
 
@@ -419,7 +420,8 @@ class Evaluator:
         self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
         self.main = rank_world()[0] == 0
         is_image = real.dtype == torch.uint8
-        if choice == "classifier" or (choice == "auto" and is_image and labels is not None and real.shape[-1] < 32):
+        small = is_image and (real.shape[-1] < 32 or real.shape[1] == 1)  # digits, MNIST: not Inception's kind of image
+        if choice == "classifier" or (choice == "auto" and small and labels is not None):
             if labels is None or not is_image:
                 raise UserError("--metrics classifier needs labelled images (digits, mnist, fashion-mnist, cifar10, "
                                 "or an .npz with labels)")
