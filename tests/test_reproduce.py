@@ -3,6 +3,7 @@ job started from a pretrained iteration 0 gives the numbers of the same lambda i
 
 import json
 import os
+import shlex
 import sys
 
 import pytest
@@ -15,7 +16,8 @@ def test_dry_run_parses_every_command(capsys):
     assert reproduce.main(["all", "--dry-run"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed == [job.cmd for stage in reproduce.STAGES.values() for job in stage]
-    assert sum("--model gaussian" in c for c in printed) == 1 + len(reproduce.COLLAPSE_N)
+    assert sum("--model gaussian" in c for c in printed) == (1 + len(reproduce.COLLAPSE_N)
+                                                            + len(reproduce.STAGES["regimes-gaussian"]))
     for m in reproduce.DIGITS_MODELS:
         assert sum(f"--model {m} " in c for c in printed) == 1 + len(reproduce.DIGITS_LAMS)
     names = [job.name for stage in reproduce.STAGES.values() for job in stage]
@@ -24,6 +26,34 @@ def test_dry_run_parses_every_command(capsys):
         assert (job.after is None) == job.name.endswith("-pretrain")
         if job.after:
             assert f"--init {reproduce.RUNS}/digits-{job.name.split('-')[0]}/pretrain/iter0.pt" in job.cmd
+
+
+def test_regimes_gaussian_commands(capsys):
+    """The stage's dry run parses its commands, and each passes retrain.py's regime checks on its data: every
+    pool fully synthetic, every real-data loop at every temperature, curation without and with the real set at
+    a beta on either side of gaussian.py's fixed-point threshold (C5) for the data's variance."""
+    import gaussian
+
+    assert reproduce.main(["regimes-gaussian", "--dry-run"]) == 0
+    jobs = reproduce.STAGES["regimes-gaussian"]
+    assert capsys.readouterr().out.strip().splitlines() == [job.cmd for job in jobs]
+    parsed = [retrain.build_parser().parse_args(shlex.split(job.cmd)[2:]) for job in jobs]
+    for args in parsed:
+        real = gaussian.make_data(args.dim, args.n_real)
+        retrain.make_regime(args, args.data, real, [retrain.parse_lam(lam) for lam in args.lam])  # raises on a bad mix
+        assert args.model == "gaussian" and args.dim == 1 and args.resume and len(args.seeds) >= 3
+    assert len({args.out for args in parsed}) == len(parsed)
+    pools = [a for a in parsed if a.pool != "replace" or (a.lam == ["inf"] and a.curate == 1)]
+    loops = [a for a in parsed if a.lam == [str(reproduce.MAD_LAM)] and a.curate == 1]
+    curated = [a for a in parsed if a.curate > 1]
+    assert len(pools) + len(loops) + len(curated) == len(parsed)
+    assert sorted(a.pool for a in pools) == sorted(reproduce.POOLS) and all(a.n_real == reproduce.POOL_N for a in pools)
+    assert sorted((a.real, a.temperature) for a in loops) == sorted((r, t) for r in reproduce.REALS for t in reproduce.TAUS)
+    assert {(a.lam[0], a.beta[0]) for a in curated} == {(lam, b) for lam in reproduce.CURATE_LAMS for b in reproduce.BETAS}
+    assert all(a.reward == "linear" and a.curate == reproduce.CURATE_K for a in curated)
+    v_real = gaussian.truth(1)[1].item()
+    below, above = (gaussian.curated_real_fixed_point(1.0, b, v_real) for b in reproduce.BETAS)
+    assert below is not None and above is None
 
 
 def test_dry_run_rejects_a_broken_command(monkeypatch):
