@@ -232,6 +232,10 @@ def setup_device(name: str | None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def cpu_threads(requested: int | None, world: int) -> str:
     """Set torch's CPU threads and say why: --threads, else OMP_NUM_THREADS, else the cores free right now.
     Small networks on a CPU run ~1.2x faster on 2 idle cores than on 1, but many times slower when a thread
@@ -239,14 +243,14 @@ def cpu_threads(requested: int | None, world: int) -> str:
     default never takes a busy core: cores minus the 1-minute load average, at least 1, per process."""
     if requested:
         torch.set_num_threads(requested)
-        return f"{requested} CPU threads (--threads)"
+        return f"{plural(requested, 'CPU thread')} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
-        return f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS)"
+        return f"{plural(torch.get_num_threads(), 'CPU thread')} (OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = max(1, min(cores, round(cores - load)) // world)
     torch.set_num_threads(threads)
-    return f"{threads} CPU threads ({cores} cores, load {load:.1f}; --threads to choose)"
+    return f"{plural(threads, 'CPU thread')} ({cores} cores, load {load:.1f}; --threads to choose)"
 
 
 def rank_world() -> tuple[int, int]:
@@ -845,7 +849,8 @@ def prepare(args, world: int, device: torch.device) -> dict:
 
 def run(args) -> None:
     rank, world, device = setup_device(args.device)
-    threads = cpu_threads(args.threads, world) if device.type == "cpu" else f"{torch.get_num_threads()} CPU threads"
+    threads = (cpu_threads(args.threads, world) if device.type == "cpu" else
+               plural(torch.get_num_threads(), "CPU thread"))
     main_rank = rank == 0
     progress = main_rank and not args.no_progress
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank

@@ -72,7 +72,8 @@ def test_default_threads_never_take_a_busy_core(monkeypatch, cores, load, world,
     threads = torch.get_num_threads()
     try:
         said = retrain.cpu_threads(None, world)
-        assert torch.get_num_threads() == expected and said.startswith(f"{expected} CPU threads ({cores} cores")
+        noun = "thread" if expected == 1 else "threads"
+        assert torch.get_num_threads() == expected and said.startswith(f"{expected} CPU {noun} ({cores} cores")
         assert retrain.cpu_threads(3, world) == "3 CPU threads (--threads)" and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
