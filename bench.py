@@ -912,7 +912,7 @@ def resolve(args) -> dict:
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = retrain.cpu_cores()
     # quick mode's 8x8 networks run many tiny operations: one thread is faster, and far faster on shared cores
     torch.set_num_threads(args.threads or (1 if quick else cores))
     cuda = device.type == "cuda"
@@ -1038,7 +1038,7 @@ def notes(s: dict, res: dict) -> list[str]:
     if res["raw"]:
         out.append("bare networks: loss mean(out^2); bf16 = autocast; max/min = spread of the timed calls")
     out.append(f"peak memory: {s['mem'].kind}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = retrain.cpu_cores()
     load = res["header"]["load_avg_1_5_15"][0]
     if s["device"].type == "cpu" and load + s["threads"] > cores + 0.5:
         out.append(f"busy machine: load average {load:.2f} at the start, {s['threads']} threads on {cores} cores; "
@@ -1187,7 +1187,7 @@ def demo(args) -> dict:
     header = {"device": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_avg_1_5_15": [round(v, 2) for v in (os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))]}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = retrain.cpu_cores()
     models = [m for m in MODELS if "all" in args.model or m in args.model]
     rows = [demo_row(m, t, args.iters or 5) for m in models for t in sorted({1, args.threads or cores})]
     # reproduce.py digits --jobs 2: 3 pretrainings, then 12 lambda runs, two at a time on one thread each

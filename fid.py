@@ -606,14 +606,17 @@ def class_metrics(pred, real_labels, n_classes: int, min_frac: float = CFG.min_f
             "class_hist": hist.tolist()}
 
 
-def feature_metrics(real_feats, fake_feats, k: int = CFG.k, device=None, fd_method: str = "eigh") -> dict:
+def feature_metrics(real_feats, fake_feats, k: int = CFG.k, device=None, fd_method: str = "eigh",
+                    real_stats: tuple | None = None, fd_device=None) -> dict:
     """Fréchet distance and precision, recall, density, coverage of fake vs real (N, D) features.
 
     fd_method "eigh" by default: exact for the singular covariances of small feature spaces (classifier
-    features with units that never fire, 8x8 pixels that are always black). FD is "fd" in the dict."""
-    real, fake = np.asarray(real_feats, dtype=np.float64), np.asarray(fake_feats, dtype=np.float64)
-    fd = frechet_distance(*feature_stats(fake), *feature_stats(real), method=fd_method)
-    return {"fd": fd, **prdc(real, fake, k, device)}
+    features with units that never fire, 8x8 pixels that are always black); its square root on fd_device
+    (None: LAPACK on the CPU). The distance is to real_stats (mu, sigma) when given (e.g. of a larger real
+    set than the k-NN metrics use), else to real_feats' own. FD is "fd" in the dict."""
+    fd = frechet_distance(*feature_stats(fake_feats), *(real_stats or feature_stats(real_feats)), method=fd_method,
+                          device=fd_device)
+    return {"fd": fd, **prdc(real_feats, fake_feats, k, device)}  # (prdc computes in float32, as fld)
 
 
 def noise_floor(real_feats, seed: int = 0, labels=None, n_classes: int | None = None, k: int = CFG.k,

@@ -236,6 +236,11 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads(requested: int | None, world: int) -> str:
     """Set torch's CPU threads and say why: --threads, else OMP_NUM_THREADS, else the cores free right now.
     Small networks on a CPU run ~1.2x faster on 2 idle cores than on 1, but many times slower when a thread
@@ -246,7 +251,7 @@ def cpu_threads(requested: int | None, world: int) -> str:
         return f"{plural(requested, 'CPU thread')} (--threads)"
     if os.environ.get("OMP_NUM_THREADS"):
         return f"{plural(torch.get_num_threads(), 'CPU thread')} (OMP_NUM_THREADS)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = cpu_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = max(1, min(cores, round(cores - load)) // world)
     torch.set_num_threads(threads)
@@ -491,9 +496,8 @@ class Evaluator:
         """Frechet distance against real_stats; precision, recall, density, coverage against real_feats' first
         n_eval points. The matrix square root from symmetric eigenvalues: on a GPU with torch (a second for
         Inception's 2048 dimensions, where scipy's sqrtm takes ~40 CPU-s), on a CPU with LAPACK."""
-        fd = fid.frechet_distance(*fid.feature_stats(fake_feats), *real_stats, method="eigh",
-                                  device=self.device if self.device.type == "cuda" else None)
-        return {"fd": fd, **fid.prdc(real_feats[:self.n_eval], fake_feats, k=3, device=self.device)}
+        return fid.feature_metrics(real_feats[:self.n_eval], fake_feats, k=3, device=self.device,
+                                   real_stats=real_stats, fd_device=self.device if self.device.type == "cuda" else None)
 
     def __call__(self, fake: torch.Tensor) -> dict:
         """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
@@ -771,8 +775,13 @@ def iter0_cache(args, s: dict, out: str, cfg, real: torch.Tensor, n_samples: int
            "data": hashlib.sha256(real.cpu().contiguous().numpy().tobytes()).hexdigest(), "samples": n_samples,
            "device": device.type, "world": world, "code": code, "torch": torch.__version__}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache")
-    return os.path.join(folder, f"{args.model}-iter0-{name}.pt")
+    return os.path.join(cache_folder(args, out), f"{args.model}-iter0-{name}.pt")
+
+
+def cache_folder(args, out: str) -> str:
+    """Where what later runs can reuse is kept (pretrained iterations 0, the metrics' classifier): --cache, else
+    cache/ beside the run folder."""
+    return args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache")
 
 
 def lam_folder(out: str, lams: list[float], lam: float) -> str:
@@ -892,7 +901,7 @@ def run(args) -> None:
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
         evaluate = Evaluator(real.cpu() if is_image else real, labels, args.metrics, args.inception, n_eval, device,
                              progress, cache=os.path.join(out, "real-features.npz"),
-                             classifier_cache=args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache"),
+                             classifier_cache=cache_folder(args, out),
                              seed=args.seed)
     if main_rank:  # what the metrics are measured with, and their noise floor, beside the run's settings
         config["features"] = evaluate.kind
