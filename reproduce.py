@@ -9,8 +9,9 @@ after its last finished iteration; --restart deletes the stage's runs first.
 
     python reproduce.py all --jobs 2           # everything below, on 2 CPU cores (see README for the time)
     python reproduce.py theory                 # the Gaussian warm-up: contraction rate and collapse (minutes)
-    python reproduce.py digits --jobs 2        # ddpm, edm, otcfm on the 8x8 digits, lam in {0, 0.5, 1, inf}, 20 iterations
+    python reproduce.py digits --jobs 2        # ddpm, edm, otcfm on the 8x8 digits: 4 lambdas, 20 iterations, 3 seeds
     python reproduce.py regimes-gaussian --jobs 2  # pools, real data, temperature, curation on the 1-D Gaussian (minutes)
+    python reproduce.py regimes-digits --jobs 2    # the same regimes, and warm start vs from scratch, on the digits
     python reproduce.py all --dry-run          # print the commands and check that they parse, run nothing
     python reproduce.py digits --figures-only  # redraw a stage's figures and table from its finished runs
 """
@@ -21,7 +22,6 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +36,7 @@ COLLAPSE_N = (10, 20, 50, 100)
 DIGITS_MODELS = ("ddpm", "edm", "otcfm")  # slowest first: the pool starts jobs in list order
 DIGITS_LAMS = ("0", "0.5", "1", "inf")
 DIGITS_ITERS = 20
+DIGITS_SEEDS = (0, 1, 2)  # independent replicates, iteration 0 included: the table gives mean +- sd over them
 # The self-consuming regimes on the Gaussian, in 1-D: gaussian.py's closed forms are 1-D, and there
 # log det Sigma_t = log s2_t and mean_err = |mu_t - mu*| (metrics.jsonl)
 REGIMES = f"{RUNS}/regimes-gaussian"
@@ -44,6 +45,12 @@ SEEDS = 20  # independent loops per setting (--seeds 0..19): the closed forms ar
 POOLS, POOL_N, POOL_ITERS = ("replace", "accumulate", "accumulate-subsample"), 20, 300
 REALS, TAUS, MAD_N, MAD_LAM, MAD_ITERS = ("none", "fixed", "fresh"), (1, 0.9), 100, 1, 100
 CURATE_LAMS, BETAS, CURATE_N, CURATE_K, CURATE_ITERS, CURATE_SEEDS = ("inf", "1"), (0.2, 0.5), 500, 100, 30, 3
+# The same regimes on the digits, with one image model (seed 0; its noise floor in each run's config.json)
+DIGITS_REGIMES, RD_MODEL = f"{RUNS}/regimes-digits", "ddpm"
+RD_POOL_ITERS = 20  # fully synthetic, all 1,797 digits' worth of samples per generation
+RD_MAD_N, RD_MAD_ITERS = 160, 10  # fresh real data needs 11 disjoint sets of 160 of the 1,797 digits
+RD_CURATE_K, RD_CURATE_CLASS, RD_CURATE_ITERS = 4, 0, 10  # keep 1 of 4 by softmax(log p(class 0 | x))
+RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (7,000 steps)
 
 
 class Job(NamedTuple):
@@ -53,13 +60,14 @@ class Job(NamedTuple):
 
 
 def digits_jobs(m: str) -> list[Job]:
-    """Iteration 0 of model m once, then one job per lambda starting from it (the same numbers as one
-    `--lam 0 0.5 1 inf` sweep, which would run the lambdas one after another)."""
-    # pixel-space metrics, as README's digits figures were made (the learned feature space is now the default)
-    run, small = f"{RUNS}/digits-{m}", f"--model {m} --preset small --data digits --metrics pixel"
+    """Model m's iterations 0 for every seed, trained once and kept in the stage's cache (runs/reproduce/
+    digits-m/cache), then one job per lambda over the same seeds, each starting from its seed's iteration 0
+    (the same numbers as one `--lam 0 0.5 1 inf` sweep, which would run the lambdas one after another)."""
+    run, seeds = f"{RUNS}/digits-{m}", " ".join(map(str, DIGITS_SEEDS))
+    small = f"--model {m} --preset small --data digits --seeds {seeds} --cache {run}/cache"
     return [Job(f"{m}-pretrain", f"{PY} {small} --lam 0 --iters 0 --out {run}/pretrain"),
-            *(Job(f"{m}-lam{lam}", f"{PY} {small} --init {run}/pretrain/iter0.pt --lam {lam} --iters {DIGITS_ITERS} "
-                                   f"--out {run}/lam_{lam}", after=f"{m}-pretrain") for lam in DIGITS_LAMS)]
+            *(Job(f"{m}-lam{lam}", f"{PY} {small} --lam {lam} --iters {DIGITS_ITERS} --out {run}/lam_{lam}",
+                  after=f"{m}-pretrain") for lam in DIGITS_LAMS)]
 
 
 def regimes_gaussian_jobs() -> list[Job]:
@@ -80,6 +88,28 @@ def regimes_gaussian_jobs() -> list[Job]:
                                               f"--iters {MAD_ITERS}") for tau in TAUS for real in REALS)]
 
 
+def regimes_digits_jobs() -> list[Job]:
+    """The regimes of regimes-gaussian on the digits with RD_MODEL's small preset: the pools (fully synthetic), the
+    three loops of Alemohammad et al. at temperature 1 and 0.9 (n = RD_MAD_N, so that fresh data lasts), curation
+    toward one class without and with the real data, and retraining from scratch against fine-tuning. Each group
+    starts from one iteration 0, pretrained by its first job and found by the others in the stage's cache."""
+    base = f"{PY} --model {RD_MODEL} --preset small --data digits --cache {DIGITS_REGIMES}/cache"
+
+    def job(name, flags, after="rd-pretrain"):
+        return Job(f"rd-{name}", f"{base} {flags} --out {DIGITS_REGIMES}/{name}", after)
+
+    mad = f"--n-real {RD_MAD_N} --lam {MAD_LAM}"
+    curate = f"--curate {RD_CURATE_K} --reward class --reward-class {RD_CURATE_CLASS} --iters {RD_CURATE_ITERS}"
+    return [job("pretrain", "--lam 0 --iters 0", None),
+            job("pretrain-mad", f"{mad} --iters 0", None),
+            *(job(f"start-scratch-lam{lam}", f"--lam {lam} --start scratch --iters {RD_START_ITERS}") for lam in ("inf", "1")),
+            *(job(f"pool-{pool}", f"--lam inf --pool {pool} --iters {RD_POOL_ITERS}") for pool in POOLS),
+            *(job(f"curate-lam{lam}", f"--lam {lam} {curate}") for lam in CURATE_LAMS),
+            job("start-warm-lam1", f"--lam 1 --iters {RD_START_ITERS}"),
+            *(job(f"real-{real}-tau{tau:g}", f"{mad} --real {real} --temperature {tau:g} --iters {RD_MAD_ITERS}",
+                  "rd-pretrain-mad") for tau in TAUS for real in REALS)]
+
+
 STAGES = {
     "theory": [
         Job("gauss-contraction",
@@ -90,6 +120,7 @@ STAGES = {
     ],
     "digits": [job for m in DIGITS_MODELS for job in digits_jobs(m)],
     "regimes-gaussian": regimes_gaussian_jobs(),
+    "regimes-digits": regimes_digits_jobs(),
 }
 
 
@@ -188,27 +219,30 @@ def theory_figures() -> list[str]:
     return [contraction, collapse]
 
 
+def digits_runs(m: str) -> tuple[dict, dict]:
+    """Model m's digits histories {lam: [one history per seed]} and seed 0's config.json."""
+    runs = {lam: [history(os.path.join(RUNS, f"digits-{m}", f"lam_{lam}", f"seed_{seed}")) for seed in DIGITS_SEEDS]
+            for lam in DIGITS_LAMS}
+    with open(os.path.join(RUNS, f"digits-{m}", f"lam_{DIGITS_LAMS[0]}", f"seed_{DIGITS_SEEDS[0]}", "config.json")) as f:
+        return runs, json.load(f)
+
+
 def digits_figures() -> list[str]:
-    """Per model: FD, precision, recall against iteration (one line per lambda), sample grids, and one table."""
+    """Per model: every metric against iteration (mean and one standard deviation over the seeds, one colour per
+    lambda, the noise floor as a grey band), a sheet of samples, and one table for all models."""
     from PIL import Image
 
-    plt = _plt()
     made = []
     for m in DIGITS_MODELS:
-        run = os.path.join(RUNS, f"digits-{m}")
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-        for lam in DIGITS_LAMS:
-            h = history(os.path.join(run, f"lam_{lam}"))
-            for ax, key in zip(axes, ("fd", "precision", "recall")):
-                ax.plot([r["iter"] for r in h], [r[key] for r in h], "o-", ms=3, label=f"λ = {lam}")
-        for ax, key in zip(axes, ("Fréchet distance (pixels)", "precision", "recall")):
-            ax.set(xlabel="iteration", title=f"{m}: {key}")
-        axes[0].legend(fontsize=8)
-        made.append(save(fig, f"digits-{m}_metrics.png", dpi=100))
-        # grids of iterations 0, 10, 20: lam = 0 on the left, fully synthetic on the right
-        its = (0, DIGITS_ITERS // 2, DIGITS_ITERS)
-        rows = [[Image.open(os.path.join(run, f"lam_{lam}", "samples", f"iter{it:03d}.png")) for lam in ("0", "inf")]
-                for it in its]
+        runs, config = digits_runs(m)
+        made.append(os.path.join(RESULTS, f"digits-{m}_metrics.png"))
+        retrain.plot_metrics(runs, made[-1], floor=config["noise_floor"],
+                             title=f"{m} ({config['preset']} preset) on the 8x8 digits: mean ± 1 sd over "
+                                   f"{len(DIGITS_SEEDS)} seeds; {config['features']} features (pixel_*: raw pixels)")
+        # seed 0's grids at iterations 0, 10, 20 (top to bottom): lam = 0 on the left, fully synthetic on the right
+        rows = [[Image.open(os.path.join(RUNS, f"digits-{m}", f"lam_{lam}", f"seed_{DIGITS_SEEDS[0]}", "samples",
+                                         f"iter{it:03d}.png")) for lam in ("0", "inf")]
+                for it in (0, DIGITS_ITERS // 2, DIGITS_ITERS)]
         w, h = rows[0][0].size
         sheet = Image.new(rows[0][0].mode, (2 * w + 8, 3 * h + 16), 255)
         for i, row in enumerate(rows):
@@ -221,22 +255,45 @@ def digits_figures() -> list[str]:
 
 
 def digits_table() -> str:
-    """results/digits_table.md: iteration 0 and the last iteration per model and lambda, and a noise gauge:
-    the spread of the lambda = 0 control over the second half of its iterations."""
-    lines = ["| model | λ | FD it 0 | FD last | precision it 0 → last | recall it 0 → last |",
-             "|---|---|---|---|---|---|"]
-    noise = []
+    """results/digits_table.md: iteration 0 and the last per model and lambda, mean ± standard deviation over the
+    seeds; the noise floor (two halves of the real set); and which neighbouring lambdas differ in the last
+    iteration's FD by more than twice the standard error of the difference."""
+    import numpy as np
+
+    def at(hs, it, key):
+        return np.array([next(r[key] for r in h if r["iter"] == it) for h in hs], dtype=float)
+
+    def ms(x, digits=3):
+        return f"{x.mean():.{digits}f} ± {x.std(ddof=1):.{digits}f}"
+
+    last = DIGITS_ITERS
+    lines = [f"Mean ± standard deviation over seeds {', '.join(map(str, DIGITS_SEEDS))}; FD, precision, recall and "
+             "coverage in the classifier's feature space (k = 3), classes = digits the classifier finds among the "
+             "samples, pixel FD on raw pixels. Written by `python reproduce.py digits`.", "",
+             f"| model | λ | FD it 0 | FD it {last} | precision 0 → {last} | recall 0 → {last} | "
+             f"coverage 0 → {last} | class TV it {last} | pixel FD it 0 → {last} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    floors, tests = [], []
     for m in DIGITS_MODELS:
-        for lam in DIGITS_LAMS:
-            h = history(os.path.join(RUNS, f"digits-{m}", f"lam_{lam}"))
-            first, last = h[0], h[-1]
-            lines.append(f"| {m} | {lam} | {first['fd']:.3f} | {last['fd']:.3f} (it {last['iter']}) | "
-                         f"{first['precision']:.3f} → {last['precision']:.3f} | {first['recall']:.3f} → {last['recall']:.3f} |")
-            if lam == "0":
-                fds = [r["fd"] for r in h[len(h) // 2:]]
-                noise.append(f"{m} {statistics.mean(fds):.3f} ± {statistics.stdev(fds):.3f}")
-    lines += ["", "FD of the λ = 0 control over its second half of iterations (mean ± standard deviation), "
-              "a gauge of the noise in one run: " + ", ".join(noise) + "."]
+        runs, config = digits_runs(m)
+        for lam, hs in runs.items():
+            lines.append(f"| {m} | {lam} | {ms(at(hs, 0, 'fd'), 2)} | {ms(at(hs, last, 'fd'), 2)} | "
+                         + " | ".join(f"{at(hs, 0, k).mean():.2f} → {ms(at(hs, last, k), 2)}"
+                                      for k in ("precision", "recall", "coverage"))
+                         + f" | {ms(at(hs, last, 'class_tv'), 3)} | {at(hs, 0, 'pixel_fd').mean():.3f} → "
+                           f"{ms(at(hs, last, 'pixel_fd'), 3)} |")
+        f = config["noise_floor"]
+        floors.append(f"{m}: FD {f['fd']:.2f}, precision {f['precision']:.2f}, recall {f['recall']:.2f}, "
+                      f"coverage {f['coverage']:.2f}, class TV {f['class_tv']:.3f}, pixel FD {f['pixel_fd']:.3f}")
+        for a, b in zip(DIGITS_LAMS, DIGITS_LAMS[1:]):
+            x, y = at(runs[a], last, "fd"), at(runs[b], last, "fd")
+            se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+            tests.append(f"{m} λ {a} vs {b}: {y.mean() - x.mean():+.2f} ± {se:.2f} "
+                         + ("(above the noise)" if abs(y.mean() - x.mean()) > 2 * se else "(within the noise)"))
+    lines += ["", "Noise floor, two disjoint halves of the real digits against each other (seed 0's run): "
+              + "; ".join(floors) + ".", "",
+              f"Difference in FD at iteration {last} between neighbouring λ, ± its standard error over the seeds "
+              "(above the noise when more than twice it): " + "; ".join(tests) + "."]
     path = os.path.join(RESULTS, "digits_table.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -489,7 +546,83 @@ def regimes_gaussian_figures() -> list[str]:
     return [*made, path]
 
 
-FIGURES = {"theory": theory_figures, "digits": digits_figures, "regimes-gaussian": regimes_gaussian_figures}
+def regimes_digits_figures() -> list[str]:
+    """One figure of four panels (pools, real-data loops, curation, warm vs scratch) and results/regimes-digits.md
+    with the numbers behind them; FD in the digits classifier's feature space, as in the digits stage."""
+    plt = _plt()
+    runs = {name: history(os.path.join(DIGITS_REGIMES, name)) for name in
+            [*(f"pool-{p}" for p in POOLS), *(f"real-{r}-tau{t:g}" for t in TAUS for r in REALS),
+             *(f"curate-lam{lam}" for lam in CURATE_LAMS), "start-warm-lam1", "start-scratch-lam1",
+             "start-scratch-laminf"]}
+    with open(os.path.join(DIGITS_REGIMES, "pool-replace", "config.json")) as f:
+        floor = json.load(f)["noise_floor"]
+    with open(os.path.join(DIGITS_REGIMES, "real-fixed-tau1", "config.json")) as f:
+        floor_mad = json.load(f)["noise_floor"]
+
+    def its(name, key="fd", upto=None):
+        h = [r for r in runs[name] if upto is None or r["iter"] <= upto]
+        return [r["iter"] for r in h], [key(r) if callable(key) else r[key] for r in h]
+
+    def share(r):  # the rewarded class's share of the samples
+        return r["class_hist"][RD_CURATE_CLASS] / sum(r["class_hist"])
+
+    fig, ((ax_pool, ax_mad), (ax_cur, ax_start)) = plt.subplots(2, 2, figsize=(11, 8.4))
+    notes = [f"{RD_MODEL} (small preset) on the digits, seed 0; FD in the digits classifier's feature space. "
+             "Written by `python reproduce.py regimes-digits`.", ""]
+    for pool in POOLS:
+        ax_pool.plot(*its(f"pool-{pool}"), "o-", ms=3, label=f"--pool {pool}")
+        h = runs[f"pool-{pool}"]
+        notes.append(f"- fully synthetic, {pool}: FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), "
+                     f"coverage {h[0]['coverage']:.2f} → {h[-1]['coverage']:.2f}, classes {h[-1]['classes']}, "
+                     f"training set {h[-1]['n_synth']} samples")
+    ax_pool.axhline(floor["fd"], color="0.6", ls=":", lw=1, label="two real halves")
+    ax_pool.set(xlabel="iteration", ylabel="FD", yscale="log", title="fully synthetic (λ = ∞): the synthetic pool")
+    for tau, style in zip(TAUS, ("o-", "s--")):
+        for real, color in zip(REALS, ("tab:red", "tab:blue", "tab:green")):
+            name = f"real-{real}-tau{tau:g}"
+            ax_mad.plot(*its(name), style, ms=3, color=color, label=f"--real {real}, τ = {tau:g}")
+            h = runs[name]
+            notes.append(f"- n = {RD_MAD_N}, λ = {MAD_LAM}, --real {real}, τ = {tau:g}: FD {h[0]['fd']:.2f} → "
+                         f"{h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), precision {h[-1]['precision']:.2f}, "
+                         f"recall {h[-1]['recall']:.2f}")
+    ax_mad.axhline(floor_mad["fd"], color="0.6", ls=":", lw=1, label=f"two real halves of {RD_MAD_N}")
+    ax_mad.set(xlabel="iteration", ylabel="FD", yscale="log",
+               title=f"Alemohammad et al.'s loops: n = {RD_MAD_N} real, λ = {MAD_LAM}")
+    for lam in CURATE_LAMS:
+        name = f"curate-lam{lam}"
+        ax_cur.plot(*its(name, share), "o-", ms=3, label=f"λ = {lam}: share of class {RD_CURATE_CLASS}")
+        h = runs[name]
+        notes.append(f"- curation, K = {RD_CURATE_K}, r = log p(class {RD_CURATE_CLASS} | x), λ = {lam}: share of class "
+                     f"{RD_CURATE_CLASS} {share(h[0]):.3f} → {share(h[-1]):.3f}, mean reward {h[0]['reward']:.2f} → "
+                     f"{h[-1]['reward']:.2f}, classes {h[0]['classes']} → {h[-1]['classes']}, "
+                     f"FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']})")
+    ax_cur.axhline(0.1, color="0.6", ls=":", lw=1, label="a tenth (the real digits' share)")
+    ax_cur.set(xlabel="iteration", ylabel=f"share of class {RD_CURATE_CLASS} among the samples", ylim=(0, 1),
+               title=f"curation: 1 of K = {RD_CURATE_K} kept by softmax(log p(class {RD_CURATE_CLASS} | x))")
+    for name, label, upto in (("pool-replace", "warm start, λ = ∞", RD_START_ITERS),
+                              ("start-scratch-laminf", "from scratch, λ = ∞", None),
+                              ("start-warm-lam1", "warm start, λ = 1", None),
+                              ("start-scratch-lam1", "from scratch, λ = 1", None)):
+        ax_start.plot(*its(name, upto=upto), "o-" if "warm" in label else "s--", ms=3, label=label)
+        h = [r for r in runs[name] if r["iter"] <= RD_START_ITERS]
+        notes.append(f"- {label}: FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), "
+                     f"{sum(r.get('steps', 0) for r in h)} training steps after iteration 0")
+    ax_start.axhline(floor["fd"], color="0.6", ls=":", lw=1, label="two real halves")
+    ax_start.set(xlabel="iteration", ylabel="FD", yscale="log",
+                 title="fine-tuning (warm) or the whole pretraining again (scratch)")
+    for ax in (ax_pool, ax_mad, ax_cur, ax_start):
+        ax.legend(fontsize=7)
+    fig.suptitle(f"The self-consuming regimes on the 8x8 digits: {RD_MODEL}, small preset, seed 0; "
+                 "FD in the digits classifier's feature space", fontsize=10)
+    made = save(fig, "regimes-digits.png")
+    path = os.path.join(RESULTS, "regimes-digits.md")
+    with open(path, "w") as f:
+        f.write("\n".join(notes) + "\n")
+    return [made, path]
+
+
+FIGURES = {"theory": theory_figures, "digits": digits_figures, "regimes-gaussian": regimes_gaussian_figures,
+           "regimes-digits": regimes_digits_figures}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--out/metrics.png (mean and spread) and --out/seeds.json (default --out: runs/MODEL-seeds-S1-S2-..)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores that are free now, at least 1)")
+    p.add_argument("--lam-jobs", type=int, default=None, metavar="N",
+                   help="a sweep over several --lam on the CPU runs N of them side by side after iteration 0, each in "
+                   "its own process with threads / N threads (default: as many as threads allow; 1 = one after another)")
     p.add_argument("--cache", default=None, help="folder of pretrained iterations 0 reused across runs "
                    "(default: 'cache' beside the --out folder)")
     p.add_argument("--no-cache", action="store_true", help="train iteration 0 again even when the cache has it")
@@ -850,7 +854,8 @@ def prepare(args, world: int, device: torch.device) -> dict:
     if os.path.exists(config_path) and args.resume:
         with open(config_path) as f:
             check_same(json.load(f), json.loads(json.dumps(config)), out)
-    elif os.path.exists(out) and os.listdir(out) and not args.force:
+    elif (os.path.exists(out) and os.listdir(out) and not args.force
+          and not (args.resume and os.path.exists(os.path.join(out, "iter0.pt")))):  # a sweep's lambda, side by side
         raise UserError(f"run folder '{out}' exists; add --resume to continue it or --force to start over")
     return {"s": s, "real": real, "labels": labels, "truth": truth, "cfg": cfg, "config": config, "out": out,
             "regime": regime}
@@ -924,9 +929,13 @@ def run(args) -> None:
     # iteration 0: computed once, shared by every lambda, and cached across runs when it was pretrained here
     cache = iter0_cache(args, s, out, cfg, real, max(n_gen.values()), device, world)
     cached = cache is not None and not os.path.exists(ckpt0_path) and os.path.exists(cache)
-    global CLOCK
-    CLOCK = run_clock(args, model, cfg, lams, out, n_gen, kimg, pretraining=not (how or cached or
-                                                                              os.path.exists(ckpt0_path)))
+    jobs = lam_jobs(args, lams, device, world, evaluate.kind)
+    if jobs > 1 and main_rank:
+        print(f"retrain.py: after iteration 0 the {len(lams)} lambdas run side by side, {jobs} at a time with "
+              f"{plural(max(1, torch.get_num_threads() // jobs), 'thread')} each (--lam-jobs 1: one after another)")
+    global CLOCK  # side by side, each lambda's process says its own estimate
+    CLOCK = run_clock(args, model, cfg, lams if jobs == 1 else [], out, n_gen, kimg,
+                      pretraining=not (how or cached or os.path.exists(ckpt0_path)))
     if os.path.exists(ckpt0_path):
         ckpt0 = load_checkpoint(ckpt0_path)
     elif cached:
@@ -960,6 +969,10 @@ def run(args) -> None:
     histories = {}
     title = f"{args.model} ({s['preset']}) on {s['data']}: metrics against iteration; {evaluate.kind} features"
     plot = functools.partial(plot_metrics, title=title, floor=evaluate.floor)
+    if jobs > 1:
+        histories = side_by_side(args, lams, out, jobs)
+        plot(histories, os.path.join(out, "metrics.png"))
+        return
     for lam in lams:
         lam_dir = lam_folder(out, lams, lam)
         histories[lam_label(lam)] = retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen[lam],
@@ -1226,6 +1239,84 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
     if main_rank:
         plot({lam_label(lam): history}, os.path.join(lam_dir, "metrics.png"))
     return history
+
+
+def lam_jobs(args, lams: list[float], device, world: int, features: str) -> int:
+    """How many lambdas of a sweep run side by side: --lam-jobs, else on the CPU (one process, not Inception,
+    whose real-set features each process would compute again) one per thread, at most one per lambda."""
+    if len(lams) < 2 or world > 1 or device.type != "cpu":
+        return 1
+    if args.lam_jobs is not None:
+        return max(1, min(args.lam_jobs, len(lams)))
+    return 1 if features == "inception" else min(len(lams), torch.get_num_threads())
+
+
+def child_argv(args, lam: float, lam_dir: str, threads: int, cache: str) -> list[str]:
+    """The command line of one lambda of a sweep as its own run in lam_dir: every option the user gave (rebuilt
+    from args) but the sweep's own; it resumes from the iteration 0 placed in lam_dir, and finds the metrics'
+    classifier in the sweep's cache folder."""
+    own = {"lam", "out", "seed", "seeds", "threads", "lam_jobs", "resume", "force", "no_progress", "cache", "help"}
+    argv = []
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, action.default)
+        if action.dest in own or not action.option_strings or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [x for v in value for x in (flag, str(v))] if action.nargs is None else [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return [*argv, "--lam", lam_label(lam), "--out", lam_dir, "--seed", str(args.seed), "--threads", str(threads),
+            "--cache", cache, "--resume", "--no-progress"]
+
+
+def side_by_side(args, lams: list[float], out: str, jobs: int) -> dict:
+    """Iterations 1..T of each lambda as its own retrain.py process (jobs at a time, the threads shared out), each
+    starting from a copy of out/iter0.pt in its lam_X/ folder and logging to lam_X/log.txt; their iteration lines
+    are relayed here. The same seeds make the same numbers as one after another (up to the thread count's
+    rounding). Returns {lam: history}."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # their lines reach the log as they are printed
+    waiting, running, histories = list(lams), {}, {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                lam = waiting.pop(0)
+                lam_dir = lam_folder(out, lams, lam)
+                os.makedirs(lam_dir, exist_ok=True)
+                if not os.path.exists(os.path.join(lam_dir, "iter0.pt")):
+                    shutil.copyfile(os.path.join(out, "iter0.pt"), os.path.join(lam_dir, "iter0.pt"))
+                log = open(os.path.join(lam_dir, "log.txt"), "a")
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                         *child_argv(args, lam, lam_dir, threads, cache_folder(args, out))],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[lam] = {"proc": proc, "log": log, "reader": open(log.name), "tail": ""}
+            time.sleep(0.5)
+            for lam, job in list(running.items()):
+                finished = job["proc"].poll() is not None  # before reading: its last lines are then in the file
+                *lines, job["tail"] = (job["tail"] + job["reader"].read()).split("\n")  # complete lines only
+                for line in lines:  # its iterations, estimate and errors
+                    if line.startswith(("iter", "estimate", "lam", "retrain.py: error")):
+                        print(line, flush=True)
+                if not finished:
+                    continue
+                job["log"].close()
+                job["reader"].close()
+                del running[lam]
+                if job["proc"].returncode:
+                    raise UserError(f"lam {lam_label(lam)} stopped with exit code {job['proc'].returncode}; see "
+                                    f"{job['log'].name} (--resume goes on after the last completed iteration)")
+                with open(os.path.join(lam_folder(out, lams, lam), "metrics.jsonl")) as f:
+                    histories[lam_label(lam)] = [json.loads(line) for line in f]
+    finally:
+        for job in running.values():  # an error or Ctrl-C: stop the others too
+            job["proc"].terminate()
+            job["proc"].wait()
+            job["log"].close()
+            job["reader"].close()
+    return {lam_label(lam): histories[lam_label(lam)] for lam in lams}
 
 
 def run_seeds(args) -> None:

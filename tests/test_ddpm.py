@@ -97,6 +97,12 @@ def test_make_config():
         ddpm.make_config("small", nonsense=1)
     with pytest.raises(ValueError, match="preset"):
         ddpm.make_config("huge")
+    with pytest.raises(ValueError, match="multiples of norm_groups"):  # 24 channels in 32 groups
+        ddpm.make_config("small", hid_channels=24, norm_groups=32)
+    net = ddpm.build_net(ddpm.make_config("small", hid_channels=24, ch_multipliers=(1, 2), norm_groups=8))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    assert ddpm.Config().norm_groups == 32  # Ho et al.'s, which the paper preset's checkpoints need
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -276,6 +276,23 @@ def test_warmup_from_scratch_only(small_fx):
     assert lrs == pytest.approx([0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3])
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_decay_from_step_0_or_ramped(warmup):
+    """torchcfm's EMA uses ema_decay from the first step; ema_warmup ramps it as min(decay, (1 + k) / (10 + k)),
+    so that the EMA of a short run from scratch forgets the random initial weights (0.1 of them after step 0)."""
+    torch.manual_seed(0)
+    model = otcfm.Model(tiny_config(batch=4, warmup_steps=0, ema_decay=0.999, ema_warmup=warmup), "cpu")
+    x = tiny_data(4)
+    for k in range(3):
+        before, ema = [p.detach().clone() for p in model.net.parameters()], [p.clone() for p in model.ema.parameters()]
+        model.train_step(x)
+        decay = min(0.999, (1 + k) / (10 + k)) if warmup else 0.999
+        for e0, p0, p, pe in zip(ema, before, model.net.parameters(), model.ema.parameters()):
+            assert torch.allclose(pe, decay * e0 + (1 - decay) * p, atol=1e-7)
+            if k == 0:
+                assert torch.equal(e0, p0)  # the EMA starts as a copy of the network
+
+
 def test_bf16_autocast_on_cpu_within_one_percent(small_fx):
     fp32 = otcfm.Model(fixture_config(small_fx, amp="fp32"), "cpu")
     bf16 = otcfm.Model(fixture_config(small_fx, amp="bf16"), "cpu")

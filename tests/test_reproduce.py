@@ -19,13 +19,18 @@ def test_dry_run_parses_every_command(capsys):
     assert sum("--model gaussian" in c for c in printed) == (1 + len(reproduce.COLLAPSE_N)
                                                             + len(reproduce.STAGES["regimes-gaussian"]))
     for m in reproduce.DIGITS_MODELS:
-        assert sum(f"--model {m} " in c for c in printed) == 1 + len(reproduce.DIGITS_LAMS)
+        assert sum(f"--model {m} " in job.cmd for job in reproduce.STAGES["digits"]) == 1 + len(reproduce.DIGITS_LAMS)
     names = [job.name for stage in reproduce.STAGES.values() for job in stage]
     assert len(set(names)) == len(names)  # one log file each
-    for job in reproduce.STAGES["digits"]:  # every lambda job starts from its model's iteration 0
+    jobs = {job.name: job for job in reproduce.STAGES["digits"]}
+    for job in jobs.values():  # every lambda job finds its model's iterations 0 in the cache its pretrain job filled
         assert (job.after is None) == job.name.endswith("-pretrain")
+        args = retrain.build_parser().parse_args(shlex.split(job.cmd)[2:])
+        assert args.seeds == list(reproduce.DIGITS_SEEDS) and len(args.seeds) >= 3 and args.metrics == "auto"
         if job.after:
-            assert f"--init {reproduce.RUNS}/digits-{job.name.split('-')[0]}/pretrain/iter0.pt" in job.cmd
+            first = retrain.build_parser().parse_args(shlex.split(jobs[job.after].cmd)[2:])
+            assert args.cache == first.cache and args.model == first.model and args.seeds == first.seeds
+            assert first.iters == 0 and args.iters == reproduce.DIGITS_ITERS and not args.init
 
 
 def test_regimes_gaussian_commands(capsys):
@@ -54,6 +59,32 @@ def test_regimes_gaussian_commands(capsys):
     v_real = gaussian.truth(1)[1].item()
     below, above = (gaussian.curated_real_fixed_point(1.0, b, v_real) for b in reproduce.BETAS)
     assert below is not None and above is None
+
+
+def test_regimes_digits_commands(capsys):
+    """The digits regimes parse and pass retrain.py's regime checks on the digits themselves (fresh data for every
+    iteration, the class reward's classes); each group's runs share the iteration 0 its pretrain job caches."""
+    import data
+
+    assert reproduce.main(["regimes-digits", "--dry-run"]) == 0
+    jobs = reproduce.STAGES["regimes-digits"]
+    assert capsys.readouterr().out.strip().splitlines() == [job.cmd for job in jobs]
+    real = data.load_images("digits")
+    parsed = {job.name: retrain.build_parser().parse_args(shlex.split(job.cmd)[2:]) for job in jobs}
+    for job in jobs:
+        args = parsed[job.name]
+        n = args.n_real or len(real)
+        retrain.make_regime(args, args.data, real[:n], [retrain.parse_lam(lam) for lam in args.lam])
+        assert args.model == reproduce.RD_MODEL and args.cache == parsed["rd-pretrain"].cache and args.resume
+        if job.after:  # the same data and seed as the job that pretrained its iteration 0
+            first = parsed[job.after]
+            assert (args.n_real, args.seed, args.preset) == (first.n_real, first.seed, first.preset)
+            assert first.iters == 0 and args.iters > 0
+    assert {a.pool for a in parsed.values() if a.lam == ["inf"]} == set(reproduce.POOLS)
+    loops = {(a.real, a.temperature) for a in parsed.values() if a.n_real == reproduce.RD_MAD_N and a.iters > 0}
+    assert loops == {(r, t) for r in reproduce.REALS for t in reproduce.TAUS}
+    assert {a.start for a in parsed.values()} == {"warm", "scratch"}
+    assert {tuple(a.lam) for a in parsed.values() if a.curate > 1} == {("inf",), ("1",)}
 
 
 def test_dry_run_rejects_a_broken_command(monkeypatch):
@@ -112,3 +143,78 @@ def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path):
     sweep = [json.loads(l) for l in open(tmp_path / "sweep" / "lam_1" / "metrics.jsonl")]
     one = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
     assert len(one) == 3 and [{k: r.get(k) for k in keys} for r in one] == [{k: r.get(k) for k in keys} for r in sweep]
+    # reproduce.py's way: the pretrain job fills a shared cache, the lambda job (another folder) starts from it
+    cache = ["--cache", str(tmp_path / "cache")]
+    assert retrain.main([*tiny, *cache, "--lam", "0", "--iters", "0", "--out", str(tmp_path / "pre2")]) == 0
+    assert len(os.listdir(tmp_path / "cache")) == 2  # iteration 0 and the metrics' classifier
+    assert retrain.main([*tiny, *cache, "--lam", "1", "--iters", "2", "--out", str(tmp_path / "two")]) == 0
+    assert "cached in" in retrain.load_checkpoint(str(tmp_path / "two" / "iter0.pt"))["how"]  # not trained again
+    two = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [{k: r.get(k) for k in keys} for r in two] == [{k: r.get(k) for k in keys} for r in sweep]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The figures and tables, drawn from made-up runs
+
+
+def _fake_run(folder, records, floor=None):
+    """A finished run folder: metrics.jsonl, config.json and sample grids for every iteration."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"preset": "small", "features": "classifier", "noise_floor": floor or {}}, f)
+    for r in records:
+        Image.fromarray(np.full((8, 8), 10 * r["iter"], np.uint8)).save(os.path.join(folder, "samples", f"iter{r['iter']:03d}.png"))
+
+
+def _record(it, fd, **kw):
+    return {"iter": it, "fd": fd, "precision": 0.8, "recall": 0.9, "density": 1.0, "coverage": 0.85, "class_tv": 0.05,
+            "classes": 10, "class_hist": [10] * 10, "pixel_fd": fd / 10, "pixel_precision": 0.8, "pixel_recall": 0.9,
+            "n_synth": 100, "steps": 100, **kw}
+
+
+FLOOR = {"fd": 2.5, "precision": 0.9, "recall": 0.9, "density": 1.0, "coverage": 0.9, "class_tv": 0.05, "pixel_fd": 0.27}
+
+
+def test_digits_table_gives_mean_sd_over_seeds_and_says_what_stands_above_the_noise(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(reproduce, "DIGITS_ITERS", 2)
+    os.makedirs(tmp_path / "results")
+    last = {"0": [1.0, 1.1, 0.9], "0.5": [1.05, 1.0, 1.15], "1": [2.0, 2.1, 1.9], "inf": [5.0, 7.0, 6.0]}
+    for m in reproduce.DIGITS_MODELS:
+        for lam, fds in last.items():
+            for seed, fd in zip(reproduce.DIGITS_SEEDS, fds):
+                _fake_run(tmp_path / "runs" / f"digits-{m}" / f"lam_{lam}" / f"seed_{seed}",
+                          [_record(0, 1.0), _record(1, (1 + fd) / 2), _record(2, fd)], FLOOR)
+    made = reproduce.digits_figures()
+    assert all(os.path.exists(p) for p in made) and len(made) == 2 * len(reproduce.DIGITS_MODELS) + 1
+    table = open(made[-1]).read()
+    assert "| ddpm | inf | 1.00 ± 0.00 | 6.00 ± 1.00 |" in table  # mean and sample standard deviation
+    assert "ddpm λ 0 vs 0.5: +0.07 ± 0.07 (within the noise)" in table
+    assert "ddpm λ 0.5 vs 1: +0.93 ± 0.07 (above the noise)" in table
+    assert "FD 2.50" in table  # the noise floor
+
+
+def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "DIGITS_REGIMES", str(tmp_path / "rd"))
+    monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
+    os.makedirs(tmp_path / "results")
+    for job in reproduce.STAGES["regimes-digits"]:
+        name = job.name.removeprefix("rd-")
+        hist = [10] * 10
+        records = []
+        for it in range(4):
+            if name.startswith("curate"):  # the rewarded class takes over: 10% -> 37% of 100 samples
+                hist = [10 + 9 * it] + [10 - it] * 9
+            records.append(_record(it, 1.0 + it, class_hist=hist, reward=-2.0 + it / 2))
+        _fake_run(tmp_path / "rd" / name, records, FLOOR)
+    figure, notes = reproduce.regimes_digits_figures()
+    assert os.path.exists(figure)
+    text = open(notes).read()
+    assert "λ = inf: share of class 0 0.100 → 0.370, mean reward -2.00 → -0.50" in text
+    assert "fully synthetic, accumulate: FD 1.00 → 4.00 (iteration 3)" in text

@@ -255,6 +255,40 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
     assert len(a) == len(b) == 61 and a == b
 
 
+def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys):
+    """--lam-jobs 2: after iteration 0 each lambda runs in its own process (one thread each here, as the sequential
+    sweep): the same records, bit for bit, and the comparison plot; the children's iteration lines are relayed.
+    A regime flag and a --set travel to the children (rebuilt from the parsed arguments)."""
+    tiny = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--no-progress",
+            "--set", "batch=16", "--set", "sample_steps=3", "--set", "kimg=0.032", "--set", "pretrain_kimg=0.048",
+            "--set", "sample_batch=16", "--pool", "accumulate", "--lam", "0.5", "inf", "--iters", "2"]
+    assert retrain.main([*tiny, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    assert retrain.main([*tiny, "--threads", "2", "--lam-jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    out = capsys.readouterr().out
+    assert "side by side, 2 at a time with 1 thread each" in out
+    assert "iter   2 lam  inf" in out and "iter   2 lam  0.5" in out  # relayed from the children's logs
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    for lam in ("0.5", "inf"):
+        a, b = (metrics(tmp_path / run / f"lam_{lam}" / "metrics.jsonl") for run in ("one", "two"))
+        assert len(a) == 3 and strip(a) == strip(b)
+        assert b[2]["n_synth"] == 2 * b[1]["n_synth"]  # accumulate reached the children
+        assert (tmp_path / "two" / f"lam_{lam}" / "log.txt").exists()
+    assert (tmp_path / "two" / "metrics.png").exists()
+    assert not (tmp_path / "two" / "cache").exists()  # the children share the sweep's cache folder
+
+
+def test_child_command_line_keeps_what_the_user_gave():
+    args = retrain.build_parser().parse_args(["--model", "edm", "--lam", "0", "1", "--set", "lr=1e-3", "--set", "batch=8",
+                                              "--beta", "0.5", "2", "--no-cache", "--seed", "3", "--threads", "4",
+                                              "--out", "x", "--lam-jobs", "2"])
+    argv = retrain.child_argv(args, 1.0, "x/lam_1", 2, "cache")
+    again = retrain.build_parser().parse_args(argv)
+    assert again.model == "edm" and again.overrides == ["lr=1e-3", "batch=8"] and again.beta == [0.5, 2.0]
+    assert again.no_cache and again.seed == 3 and again.threads == 2 and again.lam == ["1"] and again.out == "x/lam_1"
+    assert again.resume and again.cache == "cache" and again.lam_jobs is None and again.seeds is None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, non-zero exit, no traceback, the run folder as it was
 
