@@ -283,14 +283,15 @@ def digits_table() -> str:
                          + f" | {ms(at(hs, last, 'class_tv'), 3)} | {at(hs, 0, 'pixel_fd').mean():.3f} → "
                            f"{ms(at(hs, last, 'pixel_fd'), 3)} |")
         f = config["noise_floor"]
-        floors.append(f"{m}: FD {f['fd']:.2f}, precision {f['precision']:.2f}, recall {f['recall']:.2f}, "
+        floors.append(f"FD {f['fd']:.2f}, precision {f['precision']:.2f}, recall {f['recall']:.2f}, "
                       f"coverage {f['coverage']:.2f}, class TV {f['class_tv']:.3f}, pixel FD {f['pixel_fd']:.3f}")
         for a, b in zip(DIGITS_LAMS, DIGITS_LAMS[1:]):
             x, y = at(runs[a], last, "fd"), at(runs[b], last, "fd")
             se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
             tests.append(f"{m} λ {a} vs {b}: {y.mean() - x.mean():+.2f} ± {se:.2f} "
                          + ("(above the noise)" if abs(y.mean() - x.mean()) > 2 * se else "(within the noise)"))
-    lines += ["", "Noise floor, two disjoint halves of the real digits against each other (seed 0's run): "
+    floors = [floors[0]] if len(set(floors)) == 1 else [f"{m}: {f}" for m, f in zip(DIGITS_MODELS, floors)]
+    lines += ["", "Noise floor, two disjoint halves of the real digits against each other (seed 0's runs): "
               + "; ".join(floors) + ".", "",
               f"Difference in FD at iteration {last} between neighbouring λ, ± its standard error over the seeds "
               "(above the noise when more than twice it): " + "; ".join(tests) + "."]
