@@ -262,9 +262,13 @@ def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys):
     tiny = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--no-progress",
             "--set", "batch=16", "--set", "sample_steps=3", "--set", "kimg=0.032", "--set", "pretrain_kimg=0.048",
             "--set", "sample_batch=16", "--pool", "accumulate", "--lam", "0.5", "inf", "--iters", "2"]
-    assert retrain.main([*tiny, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    assert retrain.main([*tiny, "--threads", "2", "--lam-jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    threads = torch.get_num_threads()
+    try:  # --threads sets torch's threads for this process: the tests after this one keep theirs
+        assert retrain.main([*tiny, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+        capsys.readouterr()
+        assert retrain.main([*tiny, "--threads", "2", "--lam-jobs", "2", "--out", str(tmp_path / "two")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "side by side, 2 at a time with 1 thread each" in out
     assert "iter   2 lam  inf" in out and "iter   2 lam  0.5" in out  # relayed from the children's logs
