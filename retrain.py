@@ -1243,12 +1243,15 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
 
 def lam_jobs(args, lams: list[float], device, world: int, features: str) -> int:
     """How many lambdas of a sweep run side by side: --lam-jobs, else on the CPU (one process, not Inception,
-    whose real-set features each process would compute again) one per thread, at most one per lambda."""
+    whose real-set features each process would compute again, and a model that retrain.py's command line
+    knows, since each lambda's process is started from it) one per thread, at most one per lambda."""
     if len(lams) < 2 or world > 1 or device.type != "cpu":
         return 1
     if args.lam_jobs is not None:
         return max(1, min(args.lam_jobs, len(lams)))
-    return 1 if features == "inception" else min(len(lams), torch.get_num_threads())
+    if features == "inception" or args.model not in MODELS:
+        return 1
+    return min(len(lams), torch.get_num_threads())
 
 
 def child_argv(args, lam: float, lam_dir: str, threads: int, cache: str) -> list[str]:

@@ -3,6 +3,7 @@ fitted by maximum likelihood (gaussian.py), plus the loop's bookkeeping: counts,
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -280,6 +281,23 @@ def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys):
         assert (tmp_path / "two" / f"lam_{lam}" / "log.txt").exists()
     assert (tmp_path / "two" / "metrics.png").exists()
     assert not (tmp_path / "two" / "cache").exists()  # the children share the sweep's cache folder
+
+
+def test_lam_jobs_default_and_limits():
+    parse = retrain.build_parser().parse_args
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert retrain.lam_jobs(parse([]), [0.0, 1.0, math.inf], cpu, 1, "classifier") == 2  # one per thread
+        assert retrain.lam_jobs(parse(["--lam-jobs", "5"]), [0.0, 1.0], cpu, 1, "pixel") == 2  # one per lambda
+        assert retrain.lam_jobs(parse([]), [1.0], cpu, 1, "pixel") == 1
+        assert retrain.lam_jobs(parse([]), [0.0, 1.0], cpu, 2, "pixel") == 1  # under torchrun
+        assert retrain.lam_jobs(parse([]), [0.0, 1.0], cpu, 1, "inception") == 1
+        other = parse([])
+        other.model = "meanmodel"  # a model registered in-process: a child process's command line would refuse it
+        assert retrain.lam_jobs(other, [0.0, 1.0], cpu, 1, "pixel") == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_child_command_line_keeps_what_the_user_gave():
