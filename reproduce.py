@@ -49,6 +49,7 @@ CURATE_LAMS, BETAS, CURATE_N, CURATE_K, CURATE_ITERS, CURATE_SEEDS = ("inf", "1"
 DIGITS_REGIMES, RD_MODEL = f"{RUNS}/regimes-digits", "ddpm"
 RD_POOL_ITERS = 20  # fully synthetic, all 1,797 digits' worth of samples per generation
 RD_MAD_N, RD_MAD_ITERS = 160, 10  # fresh real data needs 11 disjoint sets of 160 of the 1,797 digits
+RD_MAD_EVAL = 1797  # samples per iteration in those loops, measured against all 1,797 digits (160 are trained on)
 RD_CURATE_K, RD_CURATE_CLASS, RD_CURATE_ITERS = 4, 0, 10  # keep 1 of 4 by softmax(log p(class 0 | x))
 RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (7,000 steps)
 
@@ -98,7 +99,7 @@ def regimes_digits_jobs() -> list[Job]:
     def job(name, flags, after="rd-pretrain"):
         return Job(f"rd-{name}", f"{base} {flags} --out {DIGITS_REGIMES}/{name}", after)
 
-    mad = f"--n-real {RD_MAD_N} --lam {MAD_LAM}"
+    mad = f"--n-real {RD_MAD_N} --lam {MAD_LAM} --n-eval {RD_MAD_EVAL}"
     curate = f"--curate {RD_CURATE_K} --reward class --reward-class {RD_CURATE_CLASS} --iters {RD_CURATE_ITERS}"
     return [job("pretrain", "--lam 0 --iters 0", None),
             job("pretrain-mad", f"{mad} --iters 0", None),

@@ -703,6 +703,18 @@ def load_real(args, data_spec: str) -> tuple[torch.Tensor, torch.Tensor | None, 
         raise UserError(str(e)) from None
 
 
+def load_reference(args, data_spec: str, real: torch.Tensor, labels: torch.Tensor | None):
+    """What the samples are measured against: (images, labels). When --n-real takes the first n images of a data
+    set, the whole data set (the distribution the model is to learn, as FID is measured against a whole training
+    set; fresh real data is also drawn from it); else the real set itself."""
+    if not args.n_real or data_spec == "gaussian":
+        return real, labels
+    try:
+        return data.load_labelled(data_spec, root=args.data_root)
+    except data.DataError as e:
+        raise UserError(str(e)) from None
+
+
 def dataset_name(data_spec: str, real: torch.Tensor) -> str:
     """The released-checkpoint key of a data set: cifar10, ffhq64, ... (for --init official)."""
     if data_spec == "cifar10":
@@ -716,7 +728,8 @@ def check_same(old: dict, new: dict, out: str) -> None:
     """--resume continues a run only with the settings it was started with. The number of processes and the
     device may change: samples depend on their seeds alone and training on the global batch (another
     device changes the float rounding, not the method)."""
-    old = {**REGIME_DEFAULTS, **old}  # a run begun before the regime flags existed ran the paper's loop
+    old = {**REGIME_DEFAULTS, "n_reference": old.get("n_real"), **old}  # a run begun before the regime flags existed
+    #                                      ran the paper's loop, and measured its samples against its real set
     for key in new:
         if key in ("world_size", "device") and old.get(key) != new[key] and rank_world()[0] == 0:
             print(f"retrain.py: --resume with {key} {new[key]} (the run began with {old.get(key)})")
@@ -826,6 +839,7 @@ def prepare(args, world: int, device: torch.device) -> dict:
     before anything is written."""
     s = resolve(args, device)
     real, labels, truth = load_real(args, s["data"])
+    reference = load_reference(args, s["data"], real, labels)
     is_image, n, module = real.dtype == torch.uint8, len(real), s["module"]
     shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
     if is_image and real.shape[-2] != real.shape[-1]:
@@ -845,7 +859,8 @@ def prepare(args, world: int, device: torch.device) -> dict:
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(s['data'].rstrip('/'))}")
-    config = {"model": args.model, "preset": s["preset"], "data": s["data"], "n_real": n, "n_eval": n_eval,
+    config = {"model": args.model, "preset": s["preset"], "data": s["data"], "n_real": n, "n_reference": len(reference[0]),
+              "n_eval": n_eval,
               "lams": [lam_label(lam) for lam in s["lams"]], "iters": args.iters, "kimg": kimg, **regime.config(), "seed": args.seed,
               "init": args.init, "metrics": args.metrics, "world_size": world, "device": device.type,
               "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -857,7 +872,7 @@ def prepare(args, world: int, device: torch.device) -> dict:
     elif (os.path.exists(out) and os.listdir(out) and not args.force
           and not (args.resume and os.path.exists(os.path.join(out, "iter0.pt")))):  # a sweep's lambda, side by side
         raise UserError(f"run folder '{out}' exists; add --resume to continue it or --force to start over")
-    return {"s": s, "real": real, "labels": labels, "truth": truth, "cfg": cfg, "config": config, "out": out,
+    return {"s": s, "real": real, "reference": reference, "truth": truth, "cfg": cfg, "config": config, "out": out,
             "regime": regime}
 
 
@@ -869,8 +884,8 @@ def run(args) -> None:
     progress = main_rank and not args.no_progress
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
         settings = prepare(args, world, device)
-    s, real, labels, truth, cfg, config, out = (settings[k] for k in ("s", "real", "labels", "truth", "cfg", "config",
-                                                                      "out"))
+    s, real, reference, truth, cfg, config, out = (settings[k] for k in ("s", "real", "reference", "truth", "cfg",
+                                                                         "config", "out"))
     module, lams, kimg, n_eval = s["module"], s["lams"], config["kimg"], config["n_eval"]
     is_image, n = real.dtype == torch.uint8, len(real)
     n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
@@ -897,14 +912,15 @@ def run(args) -> None:
         os.makedirs(out, exist_ok=True)
         save_atomic(json.dumps(config, indent=2) + "\n", config_path)
         print(f"retrain.py: {args.model} ({s['preset']}) on {s['data']}: n={n} real, lam={', '.join(config['lams'])}, "
-              f"{args.iters} iterations of {kimg:g} kimg, {n_eval} samples evaluated per iteration, device {device}"
-              + (f" x {world} processes" if world > 1 else "") + f" -> {out}")
+              f"{args.iters} iterations of {kimg:g} kimg, {n_eval} samples evaluated per iteration"
+              + (f" against all {config['n_reference']} images" if config["n_reference"] != n else "")
+              + f", device {device}" + (f" x {world} processes" if world > 1 else "") + f" -> {out}")
         profile = getattr(model, "profile", {})
         print("retrain.py: " + ", ".join([*(f"{k} {v}" for k, v in profile.items()), threads])
               + (", TF32 matmuls" if device.type == "cuda" else ""))
     barrier()  # the run folder is ready before any rank looks into it
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
-        evaluate = Evaluator(real.cpu() if is_image else real, labels, args.metrics, args.inception, n_eval, device,
+        evaluate = Evaluator(reference[0], reference[1], args.metrics, args.inception, n_eval, device,
                              progress, cache=os.path.join(out, "real-features.npz"),
                              classifier_cache=cache_folder(args, out),
                              seed=args.seed)
@@ -977,7 +993,7 @@ def run(args) -> None:
         lam_dir = lam_folder(out, lams, lam)
         histories[lam_label(lam)] = retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen[lam],
                                                 n_synth[lam], is_image, progress, record, main_rank, settings["regime"],
-                                                plot=plot)
+                                                plot=plot, cache_dir=cache_folder(args, out))
         if main_rank and len(lams) > 1:
             plot(histories, os.path.join(out, "metrics.png"))
     barrier()
@@ -1091,15 +1107,16 @@ def make_regime(args, data_spec: str, real: torch.Tensor, lams: list[float]) -> 
     return Regime(args.pool, args.real, args.start, args.temperature, args.curate, reward, fresh, labelled)
 
 
-def image_reward(reward: dict, labelled: tuple[torch.Tensor, torch.Tensor], device):
+def image_reward(reward: dict, labelled: tuple[torch.Tensor, torch.Tensor], device, cache_dir: str | None):
     """The reward of uint8 images (N, C, H, W) -> float64 (N,): the log-probability of class reward["class"], or of
-    the most likely class ("confidence"), under the digits classifier of classifier.py, trained here on the
-    labelled data set (seconds on the digits; the same weights from its seed on every rank and at --resume)."""
+    the most likely class ("confidence"), under the digits classifier of classifier.py, trained on the whole
+    labelled data set (seconds on the digits; the same weights from its seed on every rank and at --resume),
+    once: later runs load it from cache_dir."""
     import classifier
 
     with torch.random.fork_rng(devices=[]):  # whatever global randomness its training draws: the same net every time
         torch.manual_seed(0)
-        net = classifier.get(*labelled, None)[0].to(device)
+        net = classifier.get(*labelled, cache_dir)[0].to(device)
 
     def reward_of(images: torch.Tensor) -> torch.Tensor:
         log_p = torch.from_numpy(classifier.log_probs(net, images))  # (N, classes) float64
@@ -1108,12 +1125,12 @@ def image_reward(reward: dict, labelled: tuple[torch.Tensor, torch.Tensor], devi
     return reward_of
 
 
-def reward_function(regime: Regime, is_image: bool, device):
+def reward_function(regime: Regime, is_image: bool, device, cache_dir: str | None = None):
     """The regime's reward as a function of samples (uint8 images or float64 vectors) -> float64 (N,), or None."""
     if regime.reward is None:
         return None
     if is_image:
-        return image_reward(regime.reward, regime.labelled, device)
+        return image_reward(regime.reward, regime.labelled, device, cache_dir)
     import gaussian
 
     return gaussian.Reward(regime.reward["kind"], beta=tuple(regime.reward.get("beta", (1.0,))),
@@ -1163,8 +1180,9 @@ def synthetic_part(regime: Regime, gens: list[torch.Tensor], n_synth: int, seed:
 
 
 def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synth, is_image, progress, record, main_rank,
-                regime: Regime | None = None, plot=plot_metrics):
-    """Iterations 1..T for one lambda, resuming from lam_dir/ckpt.pt when it exists.
+                regime: Regime | None = None, plot=plot_metrics, cache_dir: str | None = None):
+    """Iterations 1..T for one lambda, resuming from lam_dir/ckpt.pt when it exists (cache_dir: where the
+    reward's classifier is kept).
 
     Iteration t trains on real_part (the real data of the iteration) plus synthetic_part: the kept samples
     of generation t-1 (the first n_synth of its samples, or n_synth curated from K n_synth candidates), with
@@ -1172,7 +1190,7 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
     regime = regime or Regime()  # the paper's loop
     ckpt_path = os.path.join(lam_dir, "ckpt.pt")
     n_gen = max(n_gen, regime.curate * n_synth)  # curation: K candidates per kept sample
-    reward = reward_function(regime, is_image, real.device)
+    reward = reward_function(regime, is_image, real.device, cache_dir)
     resumed = os.path.exists(ckpt_path)
     if resumed:
         ckpt = load_checkpoint(ckpt_path)

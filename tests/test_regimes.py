@@ -15,6 +15,7 @@ import torch
 import classifier
 import ddpm
 import edm
+import fid
 import gaussian
 import otcfm
 import retrain
@@ -175,6 +176,26 @@ def test_each_regime_trains_on_what_it_names(tmp_path, monkeypatch, pool, real):
         assert (r["n_real"], r["n_synth"]) == (0 if real == "none" else n, len(synth))
 
 
+@pytest.mark.parametrize("real", ["fixed", "fresh"])
+def test_a_subset_is_measured_against_the_whole_data_set(tmp_path, real):
+    """--n-real 100 of the digits: the samples' FD is against all 1,797 digits (the distribution the 100, and the
+    fresh sets, are drawn from), not against the 100 the first iteration trained on."""
+    assert run(tmp_path, "--model", "gaussian", "--data", "digits", "--n-real", 100, "--lam", 1, "--iters", 1,
+               "--metrics", "pixel", "--real", real) == 0
+    config = json.load(open(tmp_path / "config.json"))
+    assert (config["n_real"], config["n_reference"]) == (100, 1797)
+    samples = retrain.load_checkpoint(str(tmp_path / "ckpt.pt"))["samples"]  # iteration 1's
+    digits = retrain.data.load_labelled("digits")[0]
+    fake = fid.feature_stats(fid.pixel_features(samples))
+
+    def fd(reference):
+        return fid.frechet_distance(*fake, *fid.feature_stats(fid.pixel_features(reference)), method="eigh")
+
+    r = metrics(tmp_path / "metrics.jsonl")[-1]
+    assert r["iter"] == 1 and len(samples) == 100
+    assert r["fd"] == pytest.approx(fd(digits), rel=1e-6) and abs(fd(digits[:100]) - fd(digits)) > 0.05 * fd(digits)
+
+
 def test_temperature_and_curation(tmp_path, monkeypatch):
     """--temperature 0.5 --curate 3 --reward linear: every sample comes from the tempered sampler, iteration 0
     included (re-evaluated); model t-1 draws 3 candidates per kept sample, and each kept sample is one of its
@@ -241,11 +262,16 @@ def test_resume_with_every_flag_gaussian(tmp_path):
 
 def test_resume_with_every_flag_ddpm_and_classifier_reward(tmp_path, monkeypatch):
     """A tiny DDPM on the digits with every regime flag, the reward from the digits classifier (trained for 30
-    steps here instead of its 1,500): 1 + 1 iterations equal 2 at once; 64 fresh digits per iteration."""
+    steps here instead of its 1,500): 1 + 1 iterations equal 2 at once; 64 fresh digits per iteration. The
+    reward's classifier is trained once, then loaded from the cache, and gives the same rewards both ways."""
     get = classifier.get
-    monkeypatch.setattr(classifier, "get", lambda x, y, cache, *a, **k: get(x, y, None, classifier.Config(steps=30)))
-    assert len({retrain.image_reward({"kind": "confidence"}, retrain.data.load_labelled("digits"), "cpu")(
-        torch.zeros(1, 1, 8, 8, dtype=torch.uint8)).item() for _ in range(2)}) == 1  # the same classifier every time
+    monkeypatch.setattr(classifier, "get", lambda x, y, cache, *a, **k: get(x, y, cache, classifier.Config(steps=30)))
+    digits, zero = retrain.data.load_labelled("digits"), torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    rewards = [retrain.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item()]
+    assert len(list((tmp_path / "c").glob("classifier-*.pt"))) == 1
+    rewards.append(retrain.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item())
+    rewards.append(retrain.image_reward({"kind": "confidence"}, digits, "cpu", None)(zero).item())
+    assert len(set(rewards)) == 1  # trained, loaded, trained again without a cache: the same classifier every time
     argv = [*TINY_DDPM, "--lam", 1, "--pool", "accumulate", "--real", "fresh", "--start", "scratch", "--temperature", 0.9,
             "--curate", 2, "--reward", "class", "--reward-class", 3]
     assert run(tmp_path / "full", *argv, "--iters", 2) == 0
@@ -256,6 +282,7 @@ def test_resume_with_every_flag_ddpm_and_classifier_reward(tmp_path, monkeypatch
     assert [len(g) for g in ckpt["pool"]] == [64, 64] and ckpt["samples"].shape[0] == 128  # 2 candidates per kept one
     r = metrics(tmp_path / "full" / "metrics.jsonl")[-1]
     assert r["n_synth_by_gen"] == {"0": 64, "1": 64} and r["n_real"] == 64 and "reward" in r and "reward_kept" in r
+    assert len(list((tmp_path / "cache").glob("classifier-*.pt"))) == 1  # the reward's, trained once for both runs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,10 +331,11 @@ def test_bad_regime_one_line_and_folder_untouched(existing_run, capsys, case):
 
 
 def test_resume_a_run_from_before_the_regime_flags(existing_run):
-    """A config.json without the regime fields was the paper's loop: --resume continues it with the defaults."""
+    """A config.json without the regime fields (and n_reference) was the paper's loop, measured against its real
+    set: --resume continues it with the defaults."""
     path = existing_run / "config.json"
     config = json.load(open(path))
-    path.write_text(json.dumps({k: v for k, v in config.items() if k not in retrain.REGIME_DEFAULTS}))
+    path.write_text(json.dumps({k: v for k, v in config.items() if k not in [*retrain.REGIME_DEFAULTS, "n_reference"]}))
     assert run(existing_run, *GAUSS[:-1], 3, "--resume") == 0
     assert run(existing_run, *GAUSS[:-1], 4, "--resume", "--temperature", 2) != 0
 
