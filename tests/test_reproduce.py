@@ -177,7 +177,8 @@ def _record(it, fd, **kw):
             "n_synth": 100, "steps": 100, **kw}
 
 
-FLOOR = {"fd": 2.5, "precision": 0.9, "recall": 0.9, "density": 1.0, "coverage": 0.9, "class_tv": 0.05, "pixel_fd": 0.27}
+FLOOR = {"fd": 2.5, "precision": 0.9, "recall": 0.9, "density": 1.0, "coverage": 0.9, "class_tv": 0.05, "pixel_fd": 0.27,
+         "n_half": 898}
 
 
 def test_digits_table_gives_mean_sd_over_seeds_and_says_what_stands_above_the_noise(tmp_path, monkeypatch):
@@ -218,3 +219,4 @@ def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
     text = open(notes).read()
     assert "λ = inf: share of class 0 0.100 → 0.370, mean reward -2.00 → -0.50" in text
     assert "fully synthetic, accumulate: FD 1.00 → 4.00 (iteration 3)" in text
+    assert "noise floor, two disjoint sets of 898 real digits: FD 2.50" in text

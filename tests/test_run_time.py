@@ -2,6 +2,7 @@
 chosen from the free cores, and the run's time estimated from its first measured steps."""
 
 import sys
+import time
 
 import pytest
 import torch
@@ -91,13 +92,35 @@ def test_the_run_says_its_time_once(capsys):
     assert text.count("estimate:") == 1 and "estimate: 5.7 min in all, pretraining 0.7 min + lam 1: 20 iterations 5.0 min" in text
 
 
+@pytest.mark.parametrize("budget, probe", [(retrain.PROBE_SECONDS, 100), (0.0, 64)])
+def test_the_sampler_is_timed_at_its_own_batch_size_when_cheap(tmp_path, meanmodel, capsys, monkeypatch, budget,
+                                                                probe):
+    """150 samples per iteration in batches of 100 (the toy's sample_batch): the clock times a batch of 100, the
+    size the iterations use, unless a batch of 64 already says it would take more than PROBE_SECONDS."""
+    monkeypatch.setattr(retrain, "PROBE_SECONDS", budget)
+    assert run(tmp_path, *TOY[:4], "--n-real", 150, *TOY[6:]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("estimate:"))
+    assert f"ms/sample over {probe} samples" in line
+
+
 def test_the_estimate_comes_within_the_first_steps(tmp_path, meanmodel, capsys, monkeypatch):
-    """In a real run the estimate line comes after the first LOSS_EVERY steps of pretraining, before iteration 0
+    """In a real run the estimate line comes after the first 2 x LOSS_EVERY steps of pretraining (timed on the
+    second LOSS_EVERY: the first pay one-time costs), before iteration 0
     ends, and counts the pretraining and every lambda's iterations."""
     monkeypatch.setattr(retrain, "LOSS_EVERY", 5)
+    model, calls = sys.modules["meanmodel"].Model, []
+    step = model.train_step
+
+    def slow_start(self, x):  # the first 5 of the 10 pretraining steps take 50 ms longer
+        calls.append(1)
+        time.sleep(0.05 if len(calls) <= 5 else 0)
+        return step(self, x)
+
+    monkeypatch.setattr(model, "train_step", slow_start)
     assert run(tmp_path / "a", *TOY[:6], "--lam", 0, 1, "--iters", 2, "--metrics", "pixel") == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("estimate:"))
     assert at < next(i for i, line in enumerate(lines) if line.startswith("iter   0"))
     assert "pretraining" in lines[at] and "lam 0: 2 iterations" in lines[at] and "lam 1: 2 iterations" in lines[at]
+    assert float(lines[at].split("measured here: ")[1].split(" s/step")[0]) < 0.025  # steps 5-9, not 0-4
