@@ -178,15 +178,20 @@ def load_labelled(spec: str, root: str = "data", n: int | None = None) -> tuple[
         x, labels = _array(spec)
     else:
         raise DataError(f"cannot tell the format of '{spec}': use a folder, a .zip, or a .npy/.npz file")
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    return first(spec, images, None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64)), n)
+
+
+def first(spec: str, images: torch.Tensor, labels: torch.Tensor | None, n: int | None = None):
+    """The first `n` images (and labels) of data set `spec` as load_labelled gave them, all if n is None;
+    DataError unless at least 2 remain."""
     if n is not None:
         if n < 1:
             raise DataError(f"asked for {n} images; give a positive count")
-        x = x[:n]
-        labels = None if labels is None else labels[:n]
-    if len(x) < 2:
-        raise DataError(f"data '{spec}' holds {len(x)} image(s); need at least 2")
-    images = torch.from_numpy(np.ascontiguousarray(x))
-    return images, None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        images, labels = images[:n], None if labels is None else labels[:n]
+    if len(images) < 2:
+        raise DataError(f"data '{spec}' holds {len(images)} image(s); need at least 2")
+    return images, labels
 
 
 def load_images(spec: str, root: str = "data", n: int | None = None) -> torch.Tensor:

@@ -426,8 +426,8 @@ class Evaluator:
     the total variation distance of their histogram to the real labels' (class_tv), the number of classes
     produced (classes) and the histogram (class_hist); and the pixel-space metrics as a second view
     (pixel_fd, pixel_precision, ...). `floor` holds the same metrics between two disjoint sets of real
-    images (n_eval each, at most half the set): what sampling noise alone gives. Under torchrun every rank extracts the Inception features
-    of its share of the samples; rank 0 computes the metrics."""
+    images (n_eval each, at most half the set): what sampling noise alone gives. Under torchrun every rank
+    extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
 
     def __init__(self, real: torch.Tensor, labels: torch.Tensor | None, choice: str, inception: str | None,
                  n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int):
@@ -688,30 +688,21 @@ def resolve(args, device: torch.device) -> dict:
     return {"lams": lams, "module": module, "preset": preset, "data": data_spec}
 
 
-def load_real(args, data_spec: str) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+def load_real(args, data_spec: str) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None, tuple | None]:
     """The real training set: uint8 images (N, C, H, W) with their int64 labels (N,) when the data set has
-    them (else None), or float64 vectors and the true (mu, Sigma) for --data gaussian."""
+    them (else None), or float64 vectors and the true (mu, Sigma) for --data gaussian; and the whole data set
+    the images are the first --n-real of, (images, labels), loaded once (None for the Gaussian): what the
+    samples are measured against, the source of fresh real data and the reward classifier's training set."""
     if data_spec == "gaussian":
         import gaussian
 
         n = args.n_real or 1000
         if n < 2:
             raise UserError(f"--n-real {n}: need at least 2 samples")
-        return gaussian.make_data(args.dim, n, seed=args.seed), None, gaussian.truth(args.dim)
+        return gaussian.make_data(args.dim, n, seed=args.seed), None, gaussian.truth(args.dim), None
     try:
-        return *data.load_labelled(data_spec, root=args.data_root, n=args.n_real), None
-    except data.DataError as e:
-        raise UserError(str(e)) from None
-
-
-def load_reference(args, data_spec: str, real: torch.Tensor, labels: torch.Tensor | None):
-    """What the samples are measured against: (images, labels). When --n-real takes the first n images of a data
-    set, the whole data set (the distribution the model is to learn, as FID is measured against a whole training
-    set; fresh real data is also drawn from it); else the real set itself."""
-    if not args.n_real or data_spec == "gaussian":
-        return real, labels
-    try:
-        return data.load_labelled(data_spec, root=args.data_root)
+        whole = data.load_labelled(data_spec, root=args.data_root)
+        return *data.first(data_spec, *whole, args.n_real), None, whole
     except data.DataError as e:
         raise UserError(str(e)) from None
 
@@ -820,6 +811,7 @@ def run_clock(args, model, cfg, lams, out: str, n_gen: dict, kimg: float, pretra
         if args.iters > done:
             work.append((f"lam {lam_label(lam)}: {args.iters - done} iterations",
                          (args.iters - done) * max(1, round(kimg * 1000 / cfg.batch)), (args.iters - done) * n_gen[lam]))
+
     def seconds_per_sample(n: int) -> float:
         t0 = time.perf_counter()
         model.generate(image_seeds(args.seed, 999, n))  # iteration 999 of this seed: never a real iteration's seeds
@@ -847,8 +839,10 @@ def prepare(args, world: int, device: torch.device) -> dict:
     """Settings, real data, the model's Config, config.json's content and the run folder, all validated
     before anything is written."""
     s = resolve(args, device)
-    real, labels, truth = load_real(args, s["data"])
-    reference = load_reference(args, s["data"], real, labels)
+    real, labels, truth, whole = load_real(args, s["data"])
+    # the samples are measured against the distribution the model is to learn: with --n-real on a data set, the
+    # whole set (as FID is measured against a whole training set; fresh real data is also drawn from it)
+    reference = whole if whole is not None else (real, labels)
     is_image, n, module = real.dtype == torch.uint8, len(real), s["module"]
     shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
     if is_image and real.shape[-2] != real.shape[-1]:
@@ -864,7 +858,7 @@ def prepare(args, world: int, device: torch.device) -> dict:
         cfg = module.make_config(s["preset"], **shape, **overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    regime = make_regime(args, s["data"], real, s["lams"])
+    regime = make_regime(args, s["data"], real, s["lams"], whole)
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(s['data'].rstrip('/'))}")
@@ -1070,8 +1064,9 @@ def regime_seed(seed: int, it: int, what: int) -> int:
     return train_seed(seed, it) - what
 
 
-def make_regime(args, data_spec: str, real: torch.Tensor, lams: list[float]) -> Regime:
-    """The regime flags, checked against each other and against the data before the run starts."""
+def make_regime(args, data_spec: str, real: torch.Tensor, lams: list[float], whole: tuple | None) -> Regime:
+    """The regime flags, checked against each other and against the data before the run starts. whole: the
+    data set (images, labels) that real was taken from (load_real), for the reward's classifier and fresh data."""
     is_image, n = real.dtype == torch.uint8, len(real)
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature {args.temperature}: give a positive number (1 = no sampling bias)")
@@ -1087,10 +1082,7 @@ def make_regime(args, data_spec: str, real: torch.Tensor, lams: list[float]) -> 
     elif args.reward is not None:
         if not is_image:
             raise UserError(f"--reward {args.reward} scores images with the digits classifier; vectors take --reward linear or quadratic")
-        try:
-            labelled = data.load_labelled(data_spec, root=args.data_root)
-        except data.DataError as e:
-            raise UserError(str(e)) from None
+        labelled = whole
         if labelled[1] is None:
             raise UserError(f"--reward {args.reward} needs class labels to train the classifier, and '{data_spec}' has none "
                             "(digits, mnist, fashion-mnist, cifar10 or an .npz with 'labels' have them)")
@@ -1106,10 +1098,7 @@ def make_regime(args, data_spec: str, real: torch.Tensor, lams: list[float]) -> 
         raise UserError("--real none with --lam 0 leaves nothing to train on; give lam > 0 (synthetic samples per real image)")
     fresh = None
     if args.real == "fresh" and with_real and is_image:
-        try:
-            fresh = data.load_images(data_spec, root=args.data_root)
-        except data.DataError as e:
-            raise UserError(str(e)) from None
+        fresh = whole[0]
         if (args.iters + 1) * n > len(fresh):
             raise UserError(f"--real fresh needs {args.iters + 1} disjoint sets of {n} images (iterations 0..{args.iters}), "
                             f"{(args.iters + 1) * n} in all, and '{data_spec}' has {len(fresh)}; lower --n-real or --iters")

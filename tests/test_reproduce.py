@@ -45,7 +45,7 @@ def test_regimes_gaussian_commands(capsys):
     parsed = [retrain.build_parser().parse_args(shlex.split(job.cmd)[2:]) for job in jobs]
     for args in parsed:
         real = gaussian.make_data(args.dim, args.n_real)
-        retrain.make_regime(args, args.data, real, [retrain.parse_lam(lam) for lam in args.lam])  # raises on a bad mix
+        retrain.make_regime(args, args.data, real, [retrain.parse_lam(lam) for lam in args.lam], None)  # raises on a bad mix
         assert args.model == "gaussian" and args.dim == 1 and args.resume and len(args.seeds) >= 3
     assert len({args.out for args in parsed}) == len(parsed)
     pools = [a for a in parsed if a.pool != "replace" or (a.lam == ["inf"] and a.curate == 1)]
@@ -69,12 +69,13 @@ def test_regimes_digits_commands(capsys):
     assert reproduce.main(["regimes-digits", "--dry-run"]) == 0
     jobs = reproduce.STAGES["regimes-digits"]
     assert capsys.readouterr().out.strip().splitlines() == [job.cmd for job in jobs]
-    real = data.load_images("digits")
+    digits = data.load_labelled("digits")
+    real = digits[0]
     parsed = {job.name: retrain.build_parser().parse_args(shlex.split(job.cmd)[2:]) for job in jobs}
     for job in jobs:
         args = parsed[job.name]
         n = args.n_real or len(real)
-        retrain.make_regime(args, args.data, real[:n], [retrain.parse_lam(lam) for lam in args.lam])
+        retrain.make_regime(args, args.data, real[:n], [retrain.parse_lam(lam) for lam in args.lam], digits)
         assert args.model == reproduce.RD_MODEL and args.cache == parsed["rd-pretrain"].cache and args.resume
         if job.after:  # the same data and seed as the job that pretrained its iteration 0
             first = parsed[job.after]
