@@ -177,7 +177,9 @@ def parse_overrides(items: list[str], cfg_cls) -> dict:
             else:
                 out[key] = json.loads(value)  # lists, tuples, None: JSON
         except ValueError:
-            raise UserError(f"--set {item}: cannot read '{value}' as the type of {key} (default {default!r})") from None
+            how = "" if isinstance(default, (bool, int, float, str)) else f", written as JSON: {json.dumps(default)}"
+            raise UserError(f"--set {item}: cannot read '{value}' as the type of {key} "
+                            f"(default {default!r}{how})") from None
     return out
 
 

@@ -154,7 +154,8 @@ def test_loss_of_exact_noise_is_zero():
 
 
 @pytest.mark.parametrize("sampler,schedule,steps", [("ddim", "quadratic", 100), ("ddim", "uniform", 10),
-                                                    ("ddpm", "uniform", 50)])
+                                                    ("ddpm", "uniform", 50), ("dpm2m", "quadratic", 12),
+                                                    ("dpm2m", "quadratic", 100)])
 def test_perfect_denoiser_of_one_point_returns_it(sampler, schedule, steps):
     alphas_bar = alphas_bar_paper()
     point = torch.linspace(-0.9, 0.9, 64).reshape(1, 1, 8, 8)
@@ -196,6 +197,29 @@ def test_ddim_follows_the_probability_flow_of_a_gaussian():
     ab_T = alphas_bar[999].item()  # the start of the 1000-step grid
     assert gains[0] < gains[1] < gains[2]
     assert gains[2] == pytest.approx(s / math.sqrt(ab_T * s * s + 1 - ab_T), rel=0.01)  # 0.5% here
+
+
+def test_dpm2m_is_second_order_and_ddim_first_on_the_flow_of_a_gaussian():
+    """With exact eps the error at the flow's end, against its closed form, falls ~4x per doubling of the
+    quadratic grid for DPM-Solver++(2M) and ~2x for DDIM; both are linear in x_T, so x_T = 1 gives the gain."""
+    alphas_bar, s = alphas_bar_paper(), 0.3
+    x = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+
+    def errors(sampler):
+        out = []
+        for n in (25, 50, 100):
+            grid = ddpm.time_grid("quadratic", n, 1000)
+            a_T, a_0 = alphas_bar[grid[-1]].item(), alphas_bar[grid[0]].item()
+            # x_t = x_T sqrt((a_t s^2 + 1 - a_t) / (a_T s^2 + 1 - a_T)) along the flow, then E[x_0 | x_t] at t = 0
+            exact = math.sqrt(a_0) * s * s / math.sqrt(a_0 * s * s + 1 - a_0) / math.sqrt(a_T * s * s + 1 - a_T)
+            out.append(abs(ddpm.SAMPLERS[sampler](gaussian_eps(alphas_bar, s), x, alphas_bar, grid, None).item()
+                           - exact))
+        return out
+
+    ddim, dpm2m = errors("ddim"), errors("dpm2m")
+    assert all(1.8 < e0 / e1 < 2.2 for e0, e1 in zip(ddim, ddim[1:]))  # measured 2.0, 2.0
+    assert all(e0 / e1 > 3.5 for e0, e1 in zip(dpm2m, dpm2m[1:]))  # measured 4.6, 5.2
+    assert dpm2m[0] < ddim[0] / 3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,7 +282,7 @@ def test_bf16_autocast_loss_close_to_fp32(small):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.01 * losses["fp32"]
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm2m"])
 def test_generate_depends_only_on_each_seed(small, sampler):
     d, cfg = small
     model = fixture_model(d, cfg, sampler=sampler, sample_steps=4, skip_schedule="uniform")
@@ -609,7 +633,7 @@ def test_paper_model_builds_and_steps_on_fake_cuda_tensors():
                 return model.ema(model._input(x), torch.full((x.shape[0],), t, dtype=torch.long)).float()
 
         x_T = torch.randn(2, 3, 32, 32)
-        for sampler in ("ddim", "ddpm"):
+        for sampler in ("ddim", "ddpm", "dpm2m"):
             gens = [torch.Generator().manual_seed(s) for s in range(2)]
             out = ddpm.SAMPLERS[sampler](eps_fn, x_T, alphas_bar, grid, gens)
             assert out.shape == x_T.shape and out.device.type == "cuda"

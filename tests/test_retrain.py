@@ -373,6 +373,17 @@ def test_bad_input_one_line_and_folder_untouched(tmp_path, existing_run, capsys,
     assert folder_digest(existing_run) == before
 
 
+def test_set_reads_tuples_as_json_and_says_so_when_it_cannot():
+    import ddpm
+
+    assert retrain.parse_overrides(["ch_multipliers=[1, 4]", "hid_channels=8"], ddpm.Config) == {
+        "ch_multipliers": [1, 4], "hid_channels": 8}
+    with pytest.raises(retrain.UserError, match=r"written as JSON: \[1, 2, 2, 2\]"):
+        retrain.parse_overrides(["ch_multipliers=1,4"], ddpm.Config)
+    with pytest.raises(retrain.UserError, match=r"hid_channels \(default 128\)$"):
+        retrain.parse_overrides(["hid_channels=eight"], ddpm.Config)
+
+
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "retrain.py"), "--lam", "-0.5", "--out", str(tmp_path / "x")],
                        cwd=REPO, capture_output=True, text=True)
