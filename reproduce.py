@@ -51,7 +51,7 @@ RD_POOL_ITERS = 20  # fully synthetic, all 1,797 digits' worth of samples per ge
 RD_MAD_N, RD_MAD_ITERS = 160, 10  # fresh real data needs 11 disjoint sets of 160 of the 1,797 digits
 RD_MAD_EVAL = 1797  # samples per iteration in those loops, measured against all 1,797 digits (160 are trained on)
 RD_CURATE_K, RD_CURATE_CLASS, RD_CURATE_ITERS = 4, 0, 10  # keep 1 of 4 by softmax(log p(class 0 | x))
-RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (7,000 steps)
+RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (6,000 steps)
 
 
 class Job(NamedTuple):

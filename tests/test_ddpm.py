@@ -149,6 +149,35 @@ def test_loss_of_exact_noise_is_zero():
     assert loss0 == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
 
 
+def test_min_snr_weights_each_image_by_its_clipped_snr():
+    alphas_bar = alphas_bar_paper()
+    x0 = torch.rand(5, 1, 8, 8) * 2 - 1
+    t = torch.tensor([0, 50, 150, 400, 999])  # SNR from ~1e4 down to ~4e-5
+    noise = torch.randn_like(x0)
+    zero = lambda x, t: torch.zeros_like(x)  # each image's error is then the mean of its noise squared
+    per_image = noise.double().pow(2).mean(dim=(1, 2, 3))
+    snr = (alphas_bar / (1 - alphas_bar))[t]
+    assert snr[0] > 1000 and snr[-1] < 1e-3
+    for gamma in (5.0, 1.0):
+        weight = torch.where(snr > gamma, gamma / snr, torch.ones_like(snr))  # min(SNR, gamma) / SNR, written apart
+        want = (weight * per_image).mean().item()
+        assert ddpm.ddpm_loss(zero, x0, t, noise, alphas_bar, min_snr=gamma).item() == pytest.approx(want, rel=1e-5)
+    # a gamma above every SNR weights nothing down: L_simple, and the default is L_simple itself
+    simple = ddpm.ddpm_loss(zero, x0, t, noise, alphas_bar).item()
+    assert ddpm.ddpm_loss(zero, x0, t, noise, alphas_bar, min_snr=1e9).item() == pytest.approx(simple, rel=1e-6)
+    assert ddpm.make_config("paper").min_snr == 0
+    with pytest.raises(ValueError, match="min_snr"):
+        ddpm.make_config("small", min_snr=-1)
+    # the Model trains on the weighted loss with its own draws of t and the noise
+    model = ddpm.Model(ddpm.make_config("small", min_snr=5.0), torch.device("cpu"))
+    torch.manual_seed(3)
+    got = model.loss(x0).item()
+    torch.manual_seed(3)
+    t = torch.randint(0, model.cfg.timesteps, (5,))
+    want = ddpm.ddpm_loss(model.net, x0, t, torch.randn_like(x0), model.alphas_bar, min_snr=5.0).item()
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Samplers with exact denoisers
 
