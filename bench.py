@@ -253,17 +253,19 @@ def sampler_name(name: str, cfg) -> str:
     if name == "ddpm":
         return f"{cfg.sampler}-{cfg.sample_steps}"
     if name == "edm":
-        return f"heun-{cfg.num_steps}" + (f" churn {cfg.S_churn:g}" if cfg.S_churn > 0 else "")
+        return f"{cfg.sampler}-{cfg.num_steps}" + (f" churn {cfg.S_churn:g}" if cfg.S_churn > 0 else "")
     if name == "otcfm":
         return "dopri5" if cfg.sampler == "dopri5" else f"{cfg.sampler}-{cfg.steps}"
     raise ValueError(name)
 
 
-def short_sampler(name: str, k: int) -> dict:
+def short_sampler(name: str, cfg, k: int) -> dict:
     """Config fields that make generate() take about k network evaluations per image (same work per evaluation)."""
     if name == "ddpm":
-        return {"sample_steps": k}                      # DDIM / DDPM: one evaluation per step
+        return {"sample_steps": k}                      # DDIM, DDPM, DPM-Solver++(2M): one evaluation per step
     if name == "edm":
+        if cfg.sampler == "dpm2m":
+            return {"num_steps": max(2, k)}             # DPM-Solver++(2M): N evaluations
         return {"num_steps": max(2, (k + 1) // 2)}       # Heun: 2 N - 1 evaluations
     if name == "otcfm":
         return {"sampler": "euler", "steps": k}          # Euler: one evaluation per step
@@ -346,7 +348,7 @@ def bench_model(name: str, preset: str, s: dict) -> tuple[dict, list[dict]]:
         else:
             model.generate(seeds[:1])  # one image through the full sampler: its NFE
             nfe = model.nfe
-            with changed(model.cfg, **short_sampler(name, CFG.short_nfe)):
+            with changed(model.cfg, **short_sampler(name, model.cfg, CFG.short_nfe)):
                 times = time_calls(generate, 1, sample_iters, device)
                 k = model.nfe
             t = statistics.median(times)

@@ -132,11 +132,22 @@ def test_metric_scaling(result):
 
 def test_nfe_is_the_models(result):
     nfe = {r["model"].split("/")[0]: r["nfe"] for r in result[0]["models"]}
-    assert nfe["ddpm"] == 10  # DDIM: one evaluation per step (--set ddpm.sample_steps=10)
+    assert nfe["ddpm"] == 10  # DPM-Solver++(2M): one evaluation per step (--set ddpm.sample_steps=10)
     assert nfe["edm"] == 2 * 4 - 1  # Heun: 2 N - 1 (--set edm.num_steps=4)
     model = otcfm.Model(otcfm.make_config("small"), "cpu")
     model.generate(torch.arange(1))
     assert nfe["otcfm"] == model.nfe
+
+
+def test_short_sampler_keeps_each_samplers_count_of_evaluations():
+    """The shortened sampler whose time is scaled: about k evaluations for every sampler, and the row names the
+    sampler the Config selects."""
+    for sampler in ("heun", "dpm2m"):
+        cfg = edm.make_config("small", sampler=sampler)
+        model = edm.Model(edm.make_config("small", model_channels=16, num_blocks=1, sampler=sampler,
+                                          **bench.short_sampler("edm", cfg, 3)), "cpu")
+        model.generate(torch.arange(1))
+        assert model.nfe == 3 and bench.sampler_name("edm", model.cfg) == f"{sampler}-{model.cfg.num_steps}"
 
 
 def test_full_sampling_mode():
@@ -144,7 +155,7 @@ def test_full_sampling_mode():
     res, text = run_bench(["--tiny", "--threads", "1", "--model", "ddpm", "--only", "models", "--sample-mode", "full",
                            "--set", "ddpm.sample_steps=4"])
     (row,) = res["models"]
-    assert row["nfe"] == 4 and row["sampler"] == "ddim-4" and row["sample_basis"] == "measured, 2 images per call"
+    assert row["nfe"] == 4 and row["sampler"] == "dpm2m-4" and row["sample_basis"] == "measured, 2 images per call"
     assert row["sample_img_s"] == pytest.approx(2 / statistics.median(row["sample_times_s"]), rel=1e-12)
     assert res["raw"] == [] and res["fid"] is not None and [p["model"] for p in res["projection"]] == ["ddpm/small"]
     assert "Bare networks" not in text

@@ -1,6 +1,7 @@
 """reproduce.py: its commands parse (a dry run), the job pool keeps its order and limits, and a lambda
 job started from a pretrained iteration 0 gives the numbers of the same lambda in one sweep."""
 
+import importlib
 import json
 import os
 import shlex
@@ -79,13 +80,18 @@ def test_regimes_digits_commands(capsys):
         assert args.model == reproduce.RD_MODEL and args.cache == parsed["rd-pretrain"].cache and args.resume
         if job.after:  # the same data and seed as the job that pretrained its iteration 0
             first = parsed[job.after]
-            assert (args.n_real, args.seed, args.preset) == (first.n_real, first.seed, first.preset)
+            assert (args.n_real, args.seed, args.preset, args.overrides) == (first.n_real, first.seed, first.preset,
+                                                                             first.overrides)
             assert first.iters == 0 and args.iters > 0
     assert {a.pool for a in parsed.values() if a.lam == ["inf"]} == set(reproduce.POOLS)
     loops = {(a.real, a.temperature) for a in parsed.values() if a.n_real == reproduce.RD_MAD_N and a.iters > 0}
     assert loops == {(r, t) for r in reproduce.REALS for t in reproduce.TAUS}
     assert {a.start for a in parsed.values()} == {"warm", "scratch"}
     assert {tuple(a.lam) for a in parsed.values() if a.curate > 1} == {("inf",), ("1",)}
+    # every run uses one model: the small preset with the stage's overrides, which parse into a valid Config
+    assert {tuple(a.overrides) for a in parsed.values()} == {tuple(shlex.split(reproduce.RD_SETTINGS)[1::2])}
+    module = importlib.import_module(reproduce.RD_MODEL)
+    module.make_config("small", **retrain.parse_overrides(parsed["rd-pretrain"].overrides, module.Config))
 
 
 def test_dry_run_rejects_a_broken_command(monkeypatch):
