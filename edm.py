@@ -482,6 +482,14 @@ def time_steps(num_steps, sigma_min, sigma_max, rho):
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device="cpu")])  # (N + 1,) float64
 
 
+def noise_levels(D, cfg, device) -> torch.Tensor:
+    """The samplers' grid (N + 1,) float64 on the device: Eq. 5 between the Config's sigma_min and sigma_max, kept
+    within the range the denoiser supports (VP preconditioning has its own), then 0."""
+    sigma_min = max(cfg.sigma_min, getattr(D, "sigma_min", 0.0))
+    sigma_max = min(cfg.sigma_max, getattr(D, "sigma_max", float("inf")))
+    return time_steps(cfg.num_steps, sigma_min, sigma_max, cfg.rho).to(device)
+
+
 NOISE_BLOCK = 50  # S_churn > 0: each image's noise is drawn for up to this many steps at once (one kernel per image)
 
 
@@ -491,9 +499,7 @@ def heun_sampler(D, latents, cfg, generators=None):
     Runs in float64. The noise levels live on the device from the start and D gets them as 0-dim device tensors:
     no host-to-device copy per network call, and torch.compile does not specialise on their values. With
     generators (one per image), the churn noise of image n comes from generators[n] alone."""
-    sigma_min = max(cfg.sigma_min, getattr(D, "sigma_min", 0.0))
-    sigma_max = min(cfg.sigma_max, getattr(D, "sigma_max", float("inf")))
-    t = time_steps(cfg.num_steps, sigma_min, sigma_max, cfg.rho).to(latents.device)  # (N + 1,) float64: t_0 .. t_N
+    t = noise_levels(D, cfg, latents.device)  # (N + 1,) float64: t_0 .. t_N
     # churn (Algorithm 2): t_hat_i = (1 + gamma_i) t_i, gamma_i = min(S_churn / N, sqrt(2) - 1) if S_min <= t_i <= S_max
     in_range = ((t >= cfg.S_min) & (t <= cfg.S_max)).to(torch.float64)
     gamma = in_range * min(cfg.S_churn / cfg.num_steps, math.sqrt(2) - 1)  # (N + 1,), all 0 when S_churn = 0
@@ -537,9 +543,7 @@ def dpm2m_sampler(D, latents, cfg, generators=None):
     order at one network call per level (N in all, against Heun's 2N - 1). The first step is first order, and so
     is the last, to sigma = 0, which lands on D itself, as Heun's last (Euler) step does. Float64; deterministic
     (generators are unused)."""
-    sigma_min = max(cfg.sigma_min, getattr(D, "sigma_min", 0.0))
-    sigma_max = min(cfg.sigma_max, getattr(D, "sigma_max", float("inf")))
-    t = time_steps(cfg.num_steps, sigma_min, sigma_max, cfg.rho).to(latents.device)  # (N + 1,) float64: t_0 .. t_N
+    t = noise_levels(D, cfg, latents.device)  # (N + 1,) float64: t_0 .. t_N
     x = latents.to(torch.float64) * t[0]  # (B, C, H, W) float64
     D_last, h_last = None, None
     for i in range(cfg.num_steps):
@@ -547,9 +551,10 @@ def dpm2m_sampler(D, latents, cfg, generators=None):
         if i == cfg.num_steps - 1:  # t_N = 0
             return D_i, cfg.num_steps
         h = torch.log(t[i] / t[i + 1])  # lambda_{i+1} - lambda_i > 0
+        ratio = t[i + 1] / t[i]  # sigma_{i+1} / sigma_i = e^-h
         # D at the step's midpoint in lambda, D_i + (h_i / 2 h_{i-1}) (D_i - D_{i-1}); plain D_i on the first step
         d = D_i if D_last is None else D_i + (h / (2 * h_last)) * (D_i - D_last)
-        x = (t[i + 1] / t[i]) * x + (1 - t[i + 1] / t[i]) * d  # x_{i+1} = (sigma_{i+1} / sigma_i) x_i - expm1(-h) d
+        x = ratio * x + (1 - ratio) * d  # x_{i+1} = (sigma_{i+1} / sigma_i) x_i - expm1(-h) d
         D_last, h_last = D_i, h
 
 
