@@ -133,15 +133,20 @@ STAGES = {
 
 
 def run_jobs(jobs: list[Job], workers: int, threads: int, logs: str, poll: float = 1.0) -> tuple[int, dict]:
-    """Run `jobs` as subprocesses, `workers` at a time, each once the job it waits for has finished.
+    """Run `jobs` as subprocesses, `workers` at a time, each once the job it waits for has finished. Of the
+    jobs ready to start, those that other jobs wait for go first (otherwise list order): in the digits stage
+    the last model's pretraining then starts while the first model's lambda runs fill the other core, rather
+    than alone at the end (measured: 108 minutes in list order; README gives the time now).
 
     Returns (0, {name: (start, end) seconds}), or at the first failure (its exit code, ...) with the
     other running jobs stopped."""
     os.makedirs(logs, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     waiting, running, done, t0 = list(jobs), {}, {}, time.time()
+    awaited = {j.after for j in jobs}
     while waiting or running:
-        ready = [j for j in waiting if j.after is None or j.after in done][:workers - len(running)]
+        ready = [j for j in waiting if j.after is None or j.after in done]
+        ready = sorted(ready, key=lambda j: j.name not in awaited)[:workers - len(running)]  # stable: list order
         for job in ready:
             waiting.remove(job)
             log = open(os.path.join(logs, f"{job.name}.log"), "w")

@@ -128,6 +128,15 @@ def test_job_pool_respects_order_and_limit(tmp_path):
     assert sorted(os.listdir(tmp_path / "logs")) == ["a.log", "b.log", "c.log", "d.log"]
 
 
+def test_job_pool_starts_awaited_jobs_first(tmp_path):
+    """One worker, list order a, b, c, where c waits for b: b (awaited) starts first, then a and c in list order."""
+    log = tmp_path / "events.txt"
+    jobs = [_sleeper("a", log), _sleeper("b", log), _sleeper("c", log, after="b")]
+    code, _ = reproduce.run_jobs(jobs, workers=1, threads=1, logs=str(tmp_path / "logs"), poll=0.05)
+    ev = _events(log)
+    assert code == 0 and ev["b", "start"] < ev["a", "start"] < ev["c", "start"]
+
+
 def test_job_pool_stops_at_a_failure(tmp_path):
     log = tmp_path / "events.txt"
     jobs = [_sleeper("a", log, code=3), _sleeper("b", log, after="a")]
