@@ -113,8 +113,9 @@ PRESETS = {
         warmup_steps=100,        # short warm-up from scratch; fine-tuning continues the step counter
         ema_decay=0.995,         # with the warm-up below: reached after 1,790 steps; a half-life of 138 steps, so
                                  # the EMA follows each 100-step iteration. At 0.999 (~460 steps, ~5 iterations)
-                                 # iteration 0 was as good (FD 0.40 / 1.06 against 0.47 / 0.90, seeds 0 / 1), but
-                                 # the fully synthetic loop drifted 2.6-fold in 20 iterations instead of 12-21-fold
+                                 # iteration 0 was as good (FD 0.40 / 1.06 / 1.18 against 0.47 / 0.90 / 1.17, seeds
+                                 # 0 / 1 / 2), but the fully synthetic loop's FD grew 2.6-fold in 20 iterations,
+                                 # against 16-fold now (README's digits results)
         ema_warmup=True,         # see above: a short run from scratch must forget its initial weights
         pretrain_kimg=768.0,     # 6,000 steps x 128
         kimg=12.8,               # 100 steps x 128 per retraining iteration

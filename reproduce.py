@@ -136,7 +136,7 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, logs: str, poll: float
     """Run `jobs` as subprocesses, `workers` at a time, each once the job it waits for has finished. Of the
     jobs ready to start, those that other jobs wait for go first (otherwise list order): in the digits stage
     the last model's pretraining then starts while the first model's lambda runs fill the other core, rather
-    than alone at the end (measured: 108 minutes in list order; README gives the time now).
+    than alone at the end (README's digits section gives the time both ways).
 
     Returns (0, {name: (start, end) seconds}), or at the first failure (its exit code, ...) with the
     other running jobs stopped."""
