@@ -14,7 +14,7 @@ What is here, top to bottom:
     file; the preconditioning is taken from the class name stored in the file, never from the file name.
 
 Commands:
-    python retrain.py --model edm --preset small --lam 1 --iters 20        # 8x8 digits, CPU, ~15 minutes
+    python retrain.py --model edm --preset small --lam 1 --iters 20        # 8x8 digits, CPU, ~10 minutes
     python retrain.py --model edm --preset paper --init official ...       # fine-tune NVIDIA's CIFAR-10 network
     python edm.py edm-cifar10-32x32-uncond-vp.pkl                           # what a released .pkl holds (runs no code)
     pytest tests/test_edm.py

@@ -51,10 +51,7 @@ RD_POOL_ITERS = 20  # fully synthetic, all 1,797 digits' worth of samples per ge
 RD_MAD_N, RD_MAD_ITERS = 160, 10  # fresh real data needs 11 disjoint sets of 160 of the 1,797 digits
 RD_MAD_EVAL = 1797  # samples per iteration in those loops, measured against all 1,797 digits (160 are trained on)
 RD_CURATE_K, RD_CURATE_CLASS, RD_CURATE_ITERS = 4, 0, 10  # keep 1 of 4 by softmax(log p(class 0 | x))
-RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (7,000 steps)
-# The stage's numbers in README were computed with the small DDPM before its min-SNR loss (L_simple for 7,000
-# steps, DDIM-25); these overrides keep them reproducible. Drop them to rerun it with today's preset (an hour).
-RD_SETTINGS = "--set min_snr=0 --set pretrain_kimg=896 --set sampler=ddim --set sample_steps=25"
+RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (6,000 steps)
 
 
 class Job(NamedTuple):
@@ -97,7 +94,7 @@ def regimes_digits_jobs() -> list[Job]:
     three loops of Alemohammad et al. at temperature 1 and 0.9 (n = RD_MAD_N, so that fresh data lasts), curation
     toward one class without and with the real data, and retraining from scratch against fine-tuning. Each group
     starts from one iteration 0, pretrained by its first job and found by the others in the stage's cache."""
-    base = f"{PY} --model {RD_MODEL} --preset small {RD_SETTINGS} --data digits --cache {DIGITS_REGIMES}/cache"
+    base = f"{PY} --model {RD_MODEL} --preset small --data digits --cache {DIGITS_REGIMES}/cache"
 
     def job(name, flags, after="rd-pretrain"):
         return Job(f"rd-{name}", f"{base} {flags} --out {DIGITS_REGIMES}/{name}", after)
