@@ -56,6 +56,18 @@ def test_digits_labels_and_images_as_before(digits):
     assert torch.equal(x, images[:10]) and torch.equal(y, labels[:10])
 
 
+def test_digits_read_from_scikit_learns_file_equal_load_digits(digits, monkeypatch):
+    """data.py reads the digits' CSV file where scikit-learn keeps it, and falls back on load_digits without it."""
+    read, loadtxt = [], np.loadtxt
+    monkeypatch.setattr(data.np, "loadtxt", lambda path, **kw: read.append(path) or loadtxt(path, **kw))
+    fast = data._digits()
+    assert len(read) == 1 and read[0].endswith("digits.csv.gz")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    slow = data._digits()
+    for x, y in (fast, slow):
+        assert np.array_equal(x, digits[0].numpy()) and np.array_equal(y, digits[1].numpy())
+
+
 def write_idx(path, array: np.ndarray):
     """An idx file as MNIST's (LeCun's format): magic 0x0000 08 <dims>, big-endian sizes, then the bytes."""
     with open(path, "wb") as f:
@@ -143,6 +155,24 @@ def test_same_seed_same_weights(digits):
         assert torch.equal(v, b.state_dict()[name]), name                        # bit-identical
     assert info_a["accuracy"] == info_b["accuracy"] and info_a["hash"] == info_b["hash"]
     assert not torch.equal(a.state_dict()["fc.weight"], c.state_dict()["fc.weight"])
+
+
+def test_the_callers_thread_count_does_not_change_the_weights(digits, monkeypatch):
+    """Training runs on Config.threads threads (1) whatever the caller set, and gives the caller its count back."""
+    seen, forward = [], classifier.Net.forward
+    monkeypatch.setattr(classifier.Net, "forward", lambda self, x: seen.append(torch.get_num_threads()) or forward(self, x))
+    before = torch.get_num_threads()
+    try:
+        nets = []
+        for caller in (2, 1):
+            torch.set_num_threads(caller)
+            nets.append(classifier.train(*digits, TINY)[0])
+            assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(before)
+    assert seen[:TINY.steps] == [1] * TINY.steps and seen[TINY.steps] == 2  # trained on 1, held out on the caller's 2
+    for name, v in nets[0].state_dict().items():
+        assert torch.equal(v, nets[1].state_dict()[name]), name
 
 
 def test_cache_used_when_nothing_changed_and_refused_otherwise(digits, tmp_path, monkeypatch):

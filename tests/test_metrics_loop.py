@@ -64,6 +64,7 @@ def test_resuming_a_run_measured_in_another_space_is_refused(digits_run, tmp_pat
     import torch
 
     shutil.copytree(digits_run, tmp_path / "run")
+    shutil.copytree(digits_run.parent / "cache", tmp_path / "cache")  # its classifier: not trained again
     ckpt = torch.load(tmp_path / "run" / "iter0.pt", weights_only=True)
     ckpt["record"]["features"] = "pixel"
     torch.save(ckpt, tmp_path / "run" / "iter0.pt")

@@ -64,12 +64,12 @@ def test_cache_key_follows_everything_iteration_0_depends_on(tmp_path, meanmodel
     assert key() is None  # --init: nothing to cache
 
 
-@pytest.mark.parametrize("cores,load,world,expected", [(2, 0.05, 1, 2), (2, 1.1, 1, 1), (2, 4.0, 1, 1),
+@pytest.mark.parametrize("cores,busy,world,expected", [(2, 0.05, 1, 2), (2, 1.1, 1, 1), (2, 4.0, 1, 1),
                                                        (8, 2.2, 1, 6), (8, 0.0, 2, 4)])
-def test_default_threads_never_take_a_busy_core(monkeypatch, cores, load, world, expected):
+def test_default_threads_never_take_a_busy_core(monkeypatch, cores, busy, world, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(retrain.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(retrain.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(retrain, "busy_cores", lambda: (busy, "busy now"))
     threads = torch.get_num_threads()
     try:
         said = retrain.cpu_threads(None, world)
@@ -78,6 +78,22 @@ def test_default_threads_never_take_a_busy_core(monkeypatch, cores, load, world,
         assert retrain.cpu_threads(3, world) == "3 CPU threads (--threads)" and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_busy_cores_reads_the_cpu_time_spent_now_not_the_load_average(monkeypatch, tmp_path):
+    """Between two reads of /proc/stat, 4 cores spent 1,000 ticks: 250 idle, 50 waiting on disk, 700 busy (user,
+    system, steal), so 4 x 0.7 = 2.8 cores are busy, whatever the lagging load average says."""
+    stat = tmp_path / "stat"
+    #               user  nice system idle iowait irq softirq steal
+    stat.write_text("cpu  1000 0    500    8000 100    0   0       0\ncpu0 1 2 3 4 5 6 7 8\n")
+    monkeypatch.setattr(retrain.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(retrain.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(retrain.time, "sleep", lambda s: stat.write_text(
+        "cpu  1500 0    600    8250 150    0   0       100\n"))
+    busy, how = retrain.busy_cores(0.5, str(stat))
+    assert how == "busy now" and busy == pytest.approx(2.8)
+    monkeypatch.setattr(retrain.os, "getloadavg", lambda: (1.5, 1.0, 0.5))  # no /proc/stat (macOS): the load average
+    assert retrain.busy_cores(0.5, str(tmp_path / "none")) == (1.5, "load")
 
 
 def test_the_run_says_its_time_once(capsys):
