@@ -255,6 +255,7 @@ def busy_cores(seconds: float = 0.5, stat: str = "/proc/stat") -> tuple[float, s
         with open(stat) as f:
             ticks = [int(v) for v in f.readline().split()[1:]]
         return ticks[3] + ticks[4], sum(ticks)
+
     try:
         idle0, total0 = idle_and_total()
         time.sleep(seconds)
