@@ -160,7 +160,8 @@ def test_same_seed_same_weights(digits):
 def test_the_callers_thread_count_does_not_change_the_weights(digits, monkeypatch):
     """Training runs on Config.threads threads (1) whatever the caller set, and gives the caller its count back."""
     seen, forward = [], classifier.Net.forward
-    monkeypatch.setattr(classifier.Net, "forward", lambda self, x: seen.append(torch.get_num_threads()) or forward(self, x))
+    monkeypatch.setattr(classifier.Net, "forward",
+                        lambda self, x: seen.append(torch.get_num_threads()) or forward(self, x))
     before = torch.get_num_threads()
     try:
         nets = []
