@@ -17,3 +17,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(tmp_path_factory):
+    """classifier.get's (net, info) for all 1,797 digits and the default Config, trained once per test process.
+    Tests whose runs measure the digits in its space copy info["path"] into their run's cache folder, where
+    retrain.py finds it by its hash."""
+    import classifier
+    import data
+
+    return classifier.get(*data.load_labelled("digits"), str(tmp_path_factory.mktemp("classifier")))

@@ -3,6 +3,7 @@ job started from a pretrained iteration 0 gives the numbers of the same lambda i
 
 import json
 import os
+import shutil
 import shlex
 import sys
 
@@ -144,10 +145,12 @@ def test_job_pool_stops_at_a_failure(tmp_path):
         reproduce.run_jobs([_sleeper("x", log, after="nowhere")], 1, 1, str(tmp_path / "logs"), poll=0.05)
 
 
-def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path):
+def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path, digits_classifier):
     tiny = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--no-progress",
             "--set", "batch=16", "--set", "sample_steps=3", "--set", "kimg=0.032", "--set", "pretrain_kimg=0.048",
             "--set", "sample_batch=16"]
+    (tmp_path / "cache").mkdir()
+    shutil.copy(digits_classifier[1]["path"], tmp_path / "cache")  # every run's cache folder here: trained once per process
     assert retrain.main([*tiny, "--lam", "0", "1", "--iters", "2", "--out", str(tmp_path / "sweep")]) == 0
     assert retrain.main([*tiny, "--lam", "0", "--iters", "0", "--out", str(tmp_path / "pre")]) == 0
     assert retrain.main([*tiny, "--lam", "1", "--iters", "2", "--init", str(tmp_path / "pre" / "iter0.pt"),

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -220,9 +221,16 @@ def test_meanmodel_resume_in_process_equals_uninterrupted(tmp_path, meanmodel):
     common = ["--model", "meanmodel", "--data", "digits", "--n-real", 60, "--lam", 0.5, "--metrics", "pixel"]
     assert run(tmp_path / "a", *common, "--iters", 4) == 0
     assert run(tmp_path / "b", *common, "--iters", 2) == 0
-    assert run(tmp_path / "b", *common, "--iters", 4, "--resume") == 0
+    ckpt = retrain.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert ckpt["history"] == (tmp_path / "b" / "metrics.jsonl").read_text()  # one string, not 100s of objects
+    shutil.copytree(tmp_path / "b", tmp_path / "c")  # c: its checkpoint as older versions wrote it, a list of records
+    torch.save({**ckpt, "history": metrics(tmp_path / "b" / "metrics.jsonl")}, tmp_path / "c" / "ckpt.pt")
+    for run_dir in ("b", "c"):
+        assert run(tmp_path / run_dir, *common, "--iters", 4, "--resume") == 0
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
-    assert strip(metrics(tmp_path / "a" / "metrics.jsonl")) == strip(metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert len(metrics(tmp_path / "a" / "metrics.jsonl")) == 5
+    for run_dir in ("b", "c"):
+        assert strip(metrics(tmp_path / "a" / "metrics.jsonl")) == strip(metrics(tmp_path / run_dir / "metrics.jsonl"))
     assert (tmp_path / "b" / "samples" / "iter004.png").exists() and (tmp_path / "b" / "metrics.png").exists()
 
 
@@ -256,13 +264,15 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
     assert len(a) == len(b) == 61 and a == b
 
 
-def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys):
+def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys, digits_classifier):
     """--lam-jobs 2: after iteration 0 each lambda runs in its own process (one thread each here, as the sequential
     sweep): the same records, bit for bit, and the comparison plot; the children's iteration lines are relayed.
     A regime flag and a --set travel to the children (rebuilt from the parsed arguments)."""
     tiny = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--no-progress",
             "--set", "batch=16", "--set", "sample_steps=3", "--set", "kimg=0.032", "--set", "pretrain_kimg=0.048",
             "--set", "sample_batch=16", "--pool", "accumulate", "--lam", "0.5", "inf", "--iters", "2"]
+    (tmp_path / "cache").mkdir()
+    shutil.copy(digits_classifier[1]["path"], tmp_path / "cache")  # both runs' cache folder: trained once per test process
     threads = torch.get_num_threads()
     try:  # --threads sets torch's threads for this process: the tests after this one keep theirs
         assert retrain.main([*tiny, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
