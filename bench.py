@@ -810,7 +810,7 @@ def gpu_check_notes(s: dict, res: dict) -> list[str]:
            f"batch, {GC.sample_calls} Model.generate calls (1 warm-up) with the preset's sampler; rates are medians "
            "of the timed calls, compile rows include no compilation time",
            "memory checks: 2 training steps at the preset's batch; peak memory: " + s["mem"].kind,
-           f"retrain checks: retrain.py --preset paper --iters 1 on random images with random Inception weights: "
+           "retrain checks: retrain.py --preset paper --iters 1 on random images with random Inception weights: "
            "FID / precision / recall check that the pipeline runs, their values mean nothing"]
     out += mfu_note(s)
     if s["tiny"]:

@@ -13,9 +13,6 @@ catches:
   - a failure on one rank ends every rank with the same one-line error instead of a hang.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
