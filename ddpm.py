@@ -53,6 +53,8 @@ class Config:
     apply_attn: tuple = (False, True, False, False)  # self-attention after each block of level i (16x16) [Ho, tqch]
     drop_rate: float = 0.1  # dropout probability inside residual blocks [Ho, tqch]
     norm_groups: int = 32  # GroupNorm groups; every level's channels must be a multiple [Ho, tqch: 32]
+    resample_conv: bool = True  # a 3x3 conv in each down- and upsampling [Ho: resamp_with_conv]; False: 2x2 average
+    #                             pooling down, nearest-neighbour up, no weights
     # diffusion
     timesteps: int = 1000  # T, number of noise levels [Ho Sec. 4]
     beta_1: float = 1e-4  # first beta of the linear schedule [Ho Sec. 4]
@@ -238,7 +240,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels=3, hid_channels=128, out_channels=3, ch_multipliers=(1, 2, 2, 2),
                  num_res_blocks=2, apply_attn=(False, True, False, False), drop_rate=0.1, fused_attn=False,
-                 norm_groups=32):
+                 norm_groups=32, resample_conv=True):
         super().__init__()
         G = norm_groups
         self.hid_channels, self.levels, self.num_res_blocks = hid_channels, len(ch_multipliers), num_res_blocks
@@ -259,7 +261,8 @@ class UNet(nn.Module):
                 ch = hid_channels * mult
                 skips.append(ch)
             if i < self.levels - 1:  # index 0 of the Sequential is the padding
-                level.append(nn.Sequential(SamePad(), nn.Conv2d(ch, ch, 3, stride=2)))
+                level.append(nn.Sequential(SamePad(), nn.Conv2d(ch, ch, 3, stride=2)) if resample_conv
+                             else nn.AvgPool2d(2))
                 skips.append(ch)
             self.downsamples[f"level_{i}"] = level
         self.middle = nn.ModuleList([block(ch, ch, False), AttentionBlock(ch, fused_attn, G), block(ch, ch, False)])
@@ -271,7 +274,7 @@ class UNet(nn.Module):
                 ch = hid_channels * ch_multipliers[i]
             if i > 0:  # index 0 of the Sequential is the upsampling
                 up = nn.Upsample(scale_factor=2, mode="nearest")
-                level.append(nn.Sequential(up, nn.Conv2d(ch, ch, 3, padding=1)))
+                level.append(nn.Sequential(up, nn.Conv2d(ch, ch, 3, padding=1)) if resample_conv else up)
             ups[f"level_{i}"] = level
         self.upsamples = nn.ModuleDict({f"level_{i}": ups[f"level_{i}"] for i in range(self.levels)})
         self.out_conv = nn.Sequential(GroupNorm(ch, G), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
@@ -309,7 +312,7 @@ class UNet(nn.Module):
 
 def build_net(cfg: Config, fused_attn: bool = False) -> UNet:
     return UNet(cfg.img_channels, cfg.hid_channels, cfg.img_channels, cfg.ch_multipliers, cfg.num_res_blocks,
-                cfg.apply_attn, cfg.drop_rate, fused_attn, cfg.norm_groups)
+                cfg.apply_attn, cfg.drop_rate, fused_attn, cfg.norm_groups, cfg.resample_conv)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,23 @@ def test_fixture_output(small):
     assert max_diff(y, d["output"]) < 1e-5
 
 
+def test_resampling_without_conv_averages_down_and_repeats_up():
+    """resample_conv=False (Ho et al.'s resamp_with_conv off): the two resampling convs of a two-level network are
+    gone (and only they), downsampling is the 2x2 mean, upsampling repeats each pixel; the net still maps
+    (B, 1, 8, 8) to (B, 1, 8, 8)."""
+    nets = {rc: ddpm.build_net(ddpm.make_config("small", resample_conv=rc)) for rc in (True, False)}
+    keys = {rc: set(net.state_dict()) for rc, net in nets.items()}
+    gone = keys[True] - keys[False]
+    assert not keys[False] - keys[True]
+    assert gone == {"downsamples.level_0.1.1.weight", "downsamples.level_0.1.1.bias",
+                    "upsamples.level_1.2.1.weight", "upsamples.level_1.2.1.bias"}
+    down, up = nets[False].downsamples["level_0"][-1], nets[False].upsamples["level_1"][-1]
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.allclose(down(x), x.reshape(2, 16, 4, 2, 4, 2).mean(dim=(3, 5)))
+    assert torch.equal(up(x)[..., ::2, 1::2], x) and torch.equal(up(x)[..., 1::2, ::2], x)
+    assert nets[False](torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999])).shape == (3, 1, 8, 8)
+
+
 def test_fixture_betas_and_time_grids(small):
     d, cfg = small
     assert torch.equal(ddpm.linear_betas(cfg), d["betas"])
