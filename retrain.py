@@ -1219,7 +1219,7 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
         ckpt = {**ckpt0, "lam": lam_label(lam), "history": [{**ckpt0["record"], "lam": lam_label(lam)}]}
     model.load_state_dict(copy.deepcopy(ckpt["state"]))  # a copy: training must not touch iteration 0's state
     samples, history, gens = ckpt["samples"], ckpt["history"], ckpt.get("pool", [])
-    if isinstance(history, str):  # metrics.jsonl's text, as checkpoints hold it (a list of records before 2026-12-02)
+    if isinstance(history, str):  # metrics.jsonl's text, as checkpoints hold it (older ones: a list of records)
         history = [json.loads(line) for line in history.splitlines()]
     if not resumed:  # iteration 0 as this regime sees it: its samples at the temperature, K per kept one
         if regime.temperature != 1 or len(samples) < n_gen:
