@@ -59,6 +59,8 @@ class Config:
     num_heads: int = 4                # heads per attention block, used only when head_channels == -1
     dropout: float = 0.1              # dropout probability inside residual blocks (train_cifar10.py --dropout)
     norm_groups: int = 32             # GroupNorm groups (torchcfm's GroupNorm32: always 32)
+    conv_resample: bool = True        # a 3x3 conv in each down- and upsampling (conv_resample=True); False: 2x2
+                                      # average pooling down, nearest-neighbour up, no weights
     # flow matching (torchcfm ExactOptimalTransportConditionalFlowMatcher)
     sigma: float = 0.0                # std of the Gaussian around the straight path (train_cifar10.py: 0.0)
     ot: bool = True                   # pair noise and data by the exact minibatch OT plan (False: independent, I-CFM)
@@ -229,22 +231,22 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution."""
+    """Stride-2 3x3 convolution (use_conv), else 2x2 average pooling."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, use_conv: bool = True):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x):
         return self.op(x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 convolution."""
+    """Nearest-neighbour x2, then a 3x3 convolution (use_conv)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, use_conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -282,7 +284,7 @@ class UNet(nn.Module):
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_chs.append(ch)
             if level != len(mult) - 1:
-                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                self.input_blocks.append(TimestepSequential(Downsample(ch, cfg.conv_resample)))
                 skip_chs.append(ch)
                 res //= 2
         self.middle_block = TimestepSequential(ResBlock(ch, ch, emb_ch, cfg.dropout, G),
@@ -296,7 +298,7 @@ class UNet(nn.Module):
                 if res in cfg.attn_resolutions:
                     layers.append(AttentionBlock(ch, heads(ch), G))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(Upsample(ch, cfg.conv_resample))
                     res *= 2
                 self.output_blocks.append(TimestepSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(G, ch), nn.SiLU(),

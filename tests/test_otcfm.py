@@ -50,6 +50,22 @@ def max_diff(a, b) -> float:
 # The network against torchcfm
 
 
+def test_resampling_without_conv_averages_down_and_repeats_up():
+    """conv_resample=False (torchcfm's conv_resample off): the two resampling convs of a two-level network are gone
+    (and only they), downsampling is the 2x2 mean, upsampling repeats each pixel; the net still maps
+    (B, 1, 8, 8) to (B, 1, 8, 8)."""
+    nets = {rc: otcfm.UNet(otcfm.make_config("small", conv_resample=rc)) for rc in (True, False)}
+    keys = {rc: set(net.state_dict()) for rc, net in nets.items()}
+    assert not keys[False] - keys[True]
+    assert keys[True] - keys[False] == {"input_blocks.2.0.op.weight", "input_blocks.2.0.op.bias",
+                                        "output_blocks.1.2.conv.weight", "output_blocks.1.2.conv.bias"}
+    down, up = nets[False].input_blocks[2][0], nets[False].output_blocks[1][2]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(down(x), x.reshape(2, 16, 4, 2, 4, 2).mean(dim=(3, 5)), rtol=0, atol=1e-6)  # float32 sums
+    assert torch.equal(up(x)[..., ::2, 1::2], x) and torch.equal(up(x)[..., 1::2, ::2], x)
+    assert nets[False](torch.tensor([0.0, 0.5, 1.0]), torch.randn(3, 1, 8, 8)).shape == (3, 1, 8, 8)
+
+
 def test_forward_matches_torchcfm(small_fx, small_net):
     inp = small_fx["inputs"]
     with torch.no_grad():
