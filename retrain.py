@@ -1266,10 +1266,11 @@ def retrain_one(args, lam, lam_dir, ckpt0, model, real, cfg, kimg, n_gen, n_synt
         history.append(rec)
         lines.append(json.dumps(rec) + "\n")
         if main_rank:  # the history as one string: pickling hundreds of records cost more than the Gaussian's iteration
+            text = "".join(lines)
             save_atomic({"format": CKPT_FORMAT, "model": args.model, "config": ckpt["config"], "iter": it,
                          "lam": lam_label(lam), "state": model.state_dict(), "samples": samples,
-                         "history": "".join(lines), **({"pool": gens} if regime.pool != "replace" else {})}, ckpt_path)
-            save_atomic("".join(lines), os.path.join(lam_dir, "metrics.jsonl"))
+                         "history": text, **({"pool": gens} if regime.pool != "replace" else {})}, ckpt_path)
+            save_atomic(text, os.path.join(lam_dir, "metrics.jsonl"))
             if is_image:
                 save_grid(samples, os.path.join(lam_dir, "samples", f"iter{it:03d}.png"),
                           title=f"{args.model}, lam {lam_label(lam)}, iteration {it}")
