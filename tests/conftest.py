@@ -28,3 +28,15 @@ def digits_classifier(tmp_path_factory):
     import data
 
     return classifier.get(*data.load_labelled("digits"), str(tmp_path_factory.mktemp("classifier")))
+
+
+@pytest.fixture
+def digits_cache(tmp_path, digits_classifier):
+    """tmp_path / "cache" holding the digits classifier: the cache folder of every run folder made in tmp_path,
+    so their runs load it rather than train it again."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(digits_classifier[1]["path"], cache)
+    return cache

@@ -3,7 +3,6 @@ job started from a pretrained iteration 0 gives the numbers of the same lambda i
 
 import json
 import os
-import shutil
 import shlex
 
 import pytest
@@ -144,12 +143,10 @@ def test_job_pool_stops_at_a_failure(tmp_path):
         reproduce.run_jobs([_sleeper("x", log, after="nowhere")], 1, 1, str(tmp_path / "logs"), poll=0.05)
 
 
-def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path, digits_classifier):
+def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path, digits_cache):
     tiny = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--no-progress",
             "--set", "batch=16", "--set", "sample_steps=3", "--set", "kimg=0.032", "--set", "pretrain_kimg=0.048",
             "--set", "sample_batch=16"]
-    (tmp_path / "cache").mkdir()
-    shutil.copy(digits_classifier[1]["path"], tmp_path / "cache")  # every run's cache folder here: trained once per process
     assert retrain.main([*tiny, "--lam", "0", "1", "--iters", "2", "--out", str(tmp_path / "sweep")]) == 0
     assert retrain.main([*tiny, "--lam", "0", "--iters", "0", "--out", str(tmp_path / "pre")]) == 0
     assert retrain.main([*tiny, "--lam", "1", "--iters", "2", "--init", str(tmp_path / "pre" / "iter0.pt"),
@@ -159,9 +156,9 @@ def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path, digits_classifie
     one = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
     assert len(one) == 3 and [{k: r.get(k) for k in keys} for r in one] == [{k: r.get(k) for k in keys} for r in sweep]
     # reproduce.py's way: the pretrain job fills a shared cache, the lambda job (another folder) starts from it
-    cache = ["--cache", str(tmp_path / "cache")]
+    cache = ["--cache", str(digits_cache)]
     assert retrain.main([*tiny, *cache, "--lam", "0", "--iters", "0", "--out", str(tmp_path / "pre2")]) == 0
-    assert len(os.listdir(tmp_path / "cache")) == 2  # iteration 0 and the metrics' classifier
+    assert len(os.listdir(digits_cache)) == 2  # iteration 0 and the metrics' classifier
     assert retrain.main([*tiny, *cache, "--lam", "1", "--iters", "2", "--out", str(tmp_path / "two")]) == 0
     assert "cached in" in retrain.load_checkpoint(str(tmp_path / "two" / "iter0.pt"))["how"]  # not trained again
     two = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]

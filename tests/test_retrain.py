@@ -264,15 +264,13 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
     assert len(a) == len(b) == 61 and a == b
 
 
-def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys, digits_classifier):
+def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys, digits_cache):
     """--lam-jobs 2: after iteration 0 each lambda runs in its own process (one thread each here, as the sequential
     sweep): the same records, bit for bit, and the comparison plot; the children's iteration lines are relayed.
     A regime flag and a --set travel to the children (rebuilt from the parsed arguments)."""
     tiny = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--no-progress",
             "--set", "batch=16", "--set", "sample_steps=3", "--set", "kimg=0.032", "--set", "pretrain_kimg=0.048",
             "--set", "sample_batch=16", "--pool", "accumulate", "--lam", "0.5", "inf", "--iters", "2"]
-    (tmp_path / "cache").mkdir()
-    shutil.copy(digits_classifier[1]["path"], tmp_path / "cache")  # both runs' cache folder: trained once per test process
     threads = torch.get_num_threads()
     try:  # --threads sets torch's threads for this process: the tests after this one keep theirs
         assert retrain.main([*tiny, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
