@@ -248,20 +248,32 @@ def cpu_cores() -> int:
 
 
 def busy_cores(seconds: float = 0.5, stat: str = "/proc/stat") -> tuple[float, str]:
-    """How many cores other jobs keep busy now, and how that was measured: the share of non-idle CPU time in
-    /proc/stat over `seconds` (Linux), else the 1-minute load average, which lags: a job that ended a minute
-    ago (pip, a test run) still counts."""
-    def idle_and_total():  # the first line of /proc/stat: cpu user nice system idle iowait irq softirq steal ...
+    """How many of the cores this process may run on (its affinity) other jobs keep busy now, and how that was
+    measured: the share of non-idle time of each of those cores in /proc/stat over `seconds` (Linux), else
+    the 1-minute load average, which lags (a job that ended a minute ago, pip or a test run, still counts)
+    and counts the whole machine."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def idle_and_total():  # {core: (idle, total)} from the lines cpuN user nice system idle iowait irq softirq ...
+        ticks = {}
         with open(stat) as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)
+            for line in f:
+                name, *values = line.split()
+                if not name.startswith("cpu"):
+                    break  # the per-core lines come first
+                if name[3:].isdigit() and (allowed is None or int(name[3:]) in allowed):
+                    values = [int(v) for v in values]
+                    ticks[int(name[3:])] = (values[3] + values[4], sum(values))
+        return ticks
 
     try:
-        idle0, total0 = idle_and_total()
+        before = idle_and_total()
         time.sleep(seconds)
-        idle1, total1 = idle_and_total()
-        return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1)), "busy now"
-    except (OSError, ValueError, IndexError):
+        after = idle_and_total()
+        if not before:
+            raise ValueError("no per-core lines")
+        return sum(1 - (after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1) for c in before), "busy now"
+    except (OSError, ValueError, IndexError, KeyError):
         return (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0), "load"
 
 

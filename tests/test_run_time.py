@@ -80,18 +80,24 @@ def test_default_threads_never_take_a_busy_core(monkeypatch, cores, busy, world,
         torch.set_num_threads(threads)
 
 
-def test_busy_cores_reads_the_cpu_time_spent_now_not_the_load_average(monkeypatch, tmp_path):
-    """Between two reads of /proc/stat, 4 cores spent 1,000 ticks: 250 idle, 50 waiting on disk, 700 busy (user,
-    system, steal), so 4 x 0.7 = 2.8 cores are busy, whatever the lagging load average says."""
+def test_busy_cores_reads_the_cpu_time_spent_now_on_this_process_cores(monkeypatch, tmp_path):
+    """Between two reads of /proc/stat, each core spent 1,000 ticks. The process may run on cores 0, 1 and 3:
+    core 0 was 75% busy (user, system, steal), core 1 30% (idle 600, waiting on disk 100), core 3 idle, so
+    1.05 of its cores are busy. Core 2, outside its affinity, was fully busy and does not count; nor does
+    the machine-wide first line, nor the lagging load average."""
+    def stat_text(ticks):  # ticks: {core: (user, system, idle, iowait, steal)}, cumulative
+        cores = [f"cpu{c} {u} 0 {s} {i} {w} 0 0 {st}" for c, (u, s, i, w, st) in ticks.items()]
+        return "\n".join(["cpu  1 2 3 4 5 6 7 8", *cores, "intr 12345 0 1", "ctxt 99"]) + "\n"
+
     stat = tmp_path / "stat"
-    #               user  nice system idle iowait irq softirq steal
-    stat.write_text("cpu  1000 0    500    8000 100    0   0       0\ncpu0 1 2 3 4 5 6 7 8\n")
-    monkeypatch.setattr(retrain.os, "cpu_count", lambda: 4)
+    start = {0: (100, 100, 800, 0, 0), 1: (100, 0, 900, 0, 0), 2: (0, 0, 1000, 0, 0), 3: (50, 50, 900, 0, 0)}
+    end = {0: (600, 300, 1050, 0, 50), 1: (400, 0, 1500, 100, 0), 2: (1000, 0, 1000, 0, 0), 3: (50, 50, 1900, 0, 0)}
+    stat.write_text(stat_text(start))
+    monkeypatch.setattr(retrain.os, "sched_getaffinity", lambda pid: {0, 1, 3})
     monkeypatch.setattr(retrain.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(retrain.time, "sleep", lambda s: stat.write_text(
-        "cpu  1500 0    600    8250 150    0   0       100\n"))
+    monkeypatch.setattr(retrain.time, "sleep", lambda s: stat.write_text(stat_text(end)))
     busy, how = retrain.busy_cores(0.5, str(stat))
-    assert how == "busy now" and busy == pytest.approx(2.8)
+    assert how == "busy now" and busy == pytest.approx(0.75 + 0.3 + 0.0)
     monkeypatch.setattr(retrain.os, "getloadavg", lambda: (1.5, 1.0, 0.5))  # no /proc/stat (macOS): the load average
     assert retrain.busy_cores(0.5, str(tmp_path / "none")) == (1.5, "load")
 
