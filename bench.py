@@ -510,10 +510,10 @@ GC = GpuCheck()
 # --tiny: each paper preset's structure (attention level, augment labels, sampler) a few channels wide, with
 # 2-step DDIM / Heun samplers; otcfm keeps its adaptive dopri5
 TINY_NETS = {
-    "ddpm": dict(hid_channels=16, norm_groups=8, ch_multipliers=(1, 1), apply_attn=(False, True), num_res_blocks=1,
+    "ddpm": dict(hid_channels=8, norm_groups=4, ch_multipliers=(1, 1), apply_attn=(False, True), num_res_blocks=1,
                  sample_steps=2),
-    "edm": dict(model_channels=16, channel_mult=(1, 1), num_blocks=1, num_steps=2),
-    "otcfm": dict(channels=16, norm_groups=8, channel_mult=(1, 1), num_res_blocks=1, head_channels=16),
+    "edm": dict(model_channels=8, channel_mult=(1, 1), num_blocks=1, num_steps=2),
+    "otcfm": dict(channels=8, norm_groups=4, channel_mult=(1, 1), num_res_blocks=1, head_channels=8),
 }
 # --tiny: the CUDA profile set by hand (the models' "auto" resolves to it on CUDA); amp comes from --dtype = bf16
 CUDA_PROFILE = {"channels_last": "true", "fused_adam": "true"}
