@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchdiffeq
 from scipy.optimize import linear_sum_assignment
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,8 +414,6 @@ def heun(f, x, cfg):
 
 def dopri5(f, x, cfg):
     """Dormand-Prince 5(4) with adaptive steps (torchdiffeq), tolerances cfg.rtol / cfg.atol (NFE varies)."""
-    import torchdiffeq  # here, not at the top: its import (scipy.integrate) costs ~0.4 s that the small preset,
-    #                     sampled with midpoint, never needs
     nfe = 0
 
     def counted(t, y):
