@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddp_models
+import jobs
 import retrain
 from ranks import run_ranks
 
@@ -228,14 +229,14 @@ def test_tf32_switches_keep_every_reader_working():
 
     saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        retrain.enable_tf32()
+        jobs.enable_tf32()
         assert torch.get_float32_matmul_precision() == "high"
         assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
         with fid._precision_mode(torch.device("cuda"), "fp32"):
             assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
             assert torch.get_float32_matmul_precision() == "highest"
         assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
-        retrain.setup_device("cpu")
+        jobs.setup_device("cpu")
         torch.get_float32_matmul_precision()
     finally:
         torch.set_float32_matmul_precision(saved[0])

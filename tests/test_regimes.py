@@ -18,6 +18,7 @@ import edm
 import fid
 import gaussian
 import otcfm
+import regimes
 import retrain
 from test_retrain import folder_digest, mean_module
 
@@ -110,7 +111,7 @@ def test_default_flags_are_the_paper_loop(tmp_path, model):
     assert run(tmp_path / "spelled", *argv, *DEFAULTS_SPELLED) == 0
     same_run(tmp_path / "default", tmp_path / "spelled")
     config = json.load(open(tmp_path / "spelled" / "config.json"))
-    assert {k: config[k] for k in retrain.REGIME_DEFAULTS} == retrain.REGIME_DEFAULTS
+    assert {k: config[k] for k in regimes.DEFAULTS} == regimes.DEFAULTS
     for r in metrics(tmp_path / "default" / "metrics.jsonl")[1:]:
         assert r["n_synth_by_gen"] == {str(r["iter"] - 1): r["n_synth"]} and r["n_real"] == (40 if model == "gaussian" else 64)
 
@@ -162,7 +163,7 @@ def test_each_regime_trains_on_what_it_names(tmp_path, monkeypatch, pool, real):
             if real == "fixed":
                 assert torch.equal(x[:n], real0)
             else:  # new draws, none of them seen before
-                assert torch.equal(x[:n], gaussian.make_data(2, n, seed=retrain.regime_seed(0, t, retrain.FRESH_REAL)))
+                assert torch.equal(x[:n], gaussian.make_data(2, n, seed=regimes.regime_seed(retrain.train_seed(0, t), regimes.FRESH_REAL)))
                 assert not any(rows_in(x[:1], earlier) for earlier in real_sets)
                 real_sets.append(x[:n])
         available = torch.cat(kept[t - 1:t] if pool == "replace" else kept[:t])
@@ -267,10 +268,10 @@ def test_resume_with_every_flag_ddpm_and_classifier_reward(tmp_path, monkeypatch
     get = classifier.get
     monkeypatch.setattr(classifier, "get", lambda x, y, cache, *a, **k: get(x, y, cache, classifier.Config(steps=30)))
     digits, zero = retrain.data.load_labelled("digits"), torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
-    rewards = [retrain.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item()]
+    rewards = [regimes.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item()]
     assert len(list((tmp_path / "c").glob("classifier-*.pt"))) == 1
-    rewards.append(retrain.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item())
-    rewards.append(retrain.image_reward({"kind": "confidence"}, digits, "cpu", None)(zero).item())
+    rewards.append(regimes.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item())
+    rewards.append(regimes.image_reward({"kind": "confidence"}, digits, "cpu", None)(zero).item())
     assert len(set(rewards)) == 1  # trained, loaded, trained again without a cache: the same classifier every time
     argv = [*TINY_DDPM, "--lam", 1, "--pool", "accumulate", "--real", "fresh", "--start", "scratch", "--temperature", 0.9,
             "--curate", 2, "--reward", "class", "--reward-class", 3]
@@ -335,7 +336,7 @@ def test_resume_a_run_from_before_the_regime_flags(existing_run):
     set: --resume continues it with the defaults."""
     path = existing_run / "config.json"
     config = json.load(open(path))
-    path.write_text(json.dumps({k: v for k, v in config.items() if k not in [*retrain.REGIME_DEFAULTS, "n_reference"]}))
+    path.write_text(json.dumps({k: v for k, v in config.items() if k not in [*regimes.DEFAULTS, "n_reference"]}))
     assert run(existing_run, *GAUSS[:-1], 3, "--resume") == 0
     assert run(existing_run, *GAUSS[:-1], 4, "--resume", "--temperature", 2) != 0
 

@@ -1,12 +1,14 @@
 """What makes a first run quick and says how long it takes: iteration 0 cached across runs, the CPU threads
 chosen from the free cores, and the run's time estimated from its first measured steps."""
 
+import dataclasses
 import sys
 import time
 
 import pytest
 import torch
 
+import jobs
 import retrain
 from test_retrain import mean_module, metrics, run
 
@@ -47,18 +49,16 @@ def test_iteration_0_is_cached_across_runs(tmp_path, meanmodel, capsys):
 
 def test_cache_key_follows_everything_iteration_0_depends_on(tmp_path, meanmodel):
     """The cache file's name changes with the Config, the data, the seed and the number of samples."""
-    args = retrain.build_parser().parse_args(list(map(str, TOY)))
-    s = retrain.resolve(args, torch.device("cpu"))
-    mod = s["module"]
-    real = retrain.data.load_images("digits", n=50)
+    args = retrain.build_parser().parse_args([*map(str, TOY), "--out", str(tmp_path / "run")])
+    s = retrain.settings(args, 1, torch.device("cpu"))
 
-    def key(cfg=mod.Config(), data=real, samples=50, seed=0):
+    def key(cfg=s.cfg, real=s.real, samples=50, seed=0):
         args.seed = seed
-        return retrain.iter0_cache(args, s, str(tmp_path / "run"), cfg, data, samples, torch.device("cpu"), 1)
+        return retrain.iter0_cache(dataclasses.replace(s, cfg=cfg, real=real, n_gen={1.0: samples}))
 
     base = key()
     assert base == key() and base.startswith(str(tmp_path / "cache"))
-    others = [key(cfg=mod.Config(batch=8)), key(data=real.flip(0)), key(samples=100), key(seed=1)]
+    others = [key(cfg=dataclasses.replace(s.cfg, batch=8)), key(real=s.real.flip(0)), key(samples=100), key(seed=1)]
     assert len({base, *others}) == 5
     args.init = "x.pt"
     assert key() is None  # --init: nothing to cache
@@ -68,14 +68,14 @@ def test_cache_key_follows_everything_iteration_0_depends_on(tmp_path, meanmodel
                                                        (8, 2.2, 1, 6), (8, 0.0, 2, 4)])
 def test_default_threads_never_take_a_busy_core(monkeypatch, cores, busy, world, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(retrain.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(retrain, "busy_cores", lambda: (busy, "busy now"))
+    monkeypatch.setattr(jobs.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(jobs, "busy_cores", lambda: (busy, "busy now"))
     threads = torch.get_num_threads()
     try:
-        said = retrain.cpu_threads(None, world)
+        said = jobs.cpu_threads(None, world)
         noun = "thread" if expected == 1 else "threads"
         assert torch.get_num_threads() == expected and said.startswith(f"{expected} CPU {noun} ({cores} cores")
-        assert retrain.cpu_threads(3, world) == "3 CPU threads (--threads)" and torch.get_num_threads() == 3
+        assert jobs.cpu_threads(3, world) == "3 CPU threads (--threads)" and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
 
@@ -93,13 +93,13 @@ def test_busy_cores_reads_the_cpu_time_spent_now_on_this_process_cores(monkeypat
     start = {0: (100, 100, 800, 0, 0), 1: (100, 0, 900, 0, 0), 2: (0, 0, 1000, 0, 0), 3: (50, 50, 900, 0, 0)}
     end = {0: (600, 300, 1050, 0, 50), 1: (400, 0, 1500, 100, 0), 2: (1000, 0, 1000, 0, 0), 3: (50, 50, 1900, 0, 0)}
     stat.write_text(stat_text(start))
-    monkeypatch.setattr(retrain.os, "sched_getaffinity", lambda pid: {0, 1, 3})
-    monkeypatch.setattr(retrain.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(retrain.time, "sleep", lambda s: stat.write_text(stat_text(end)))
-    busy, how = retrain.busy_cores(0.5, str(stat))
+    monkeypatch.setattr(jobs.os, "sched_getaffinity", lambda pid: {0, 1, 3})
+    monkeypatch.setattr(jobs.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: stat.write_text(stat_text(end)))
+    busy, how = jobs.busy_cores(0.5, str(stat))
     assert how == "busy now" and busy == pytest.approx(0.75 + 0.3 + 0.0)
-    monkeypatch.setattr(retrain.os, "getloadavg", lambda: (1.5, 1.0, 0.5))  # no /proc/stat (macOS): the load average
-    assert retrain.busy_cores(0.5, str(tmp_path / "none")) == (1.5, "load")
+    monkeypatch.setattr(jobs.os, "getloadavg", lambda: (1.5, 1.0, 0.5))  # no /proc/stat (macOS): the load average
+    assert jobs.busy_cores(0.5, str(tmp_path / "none")) == (1.5, "load")
 
 
 def test_the_run_says_its_time_once(capsys):

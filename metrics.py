@@ -1,0 +1,144 @@
+"""metrics.py -- how good is a model's set of samples: the evaluation that retrain.py runs every iteration.
+
+Bertrand et al. (ICLR 2024) measure every retraining iteration by FID, precision and recall of 50k samples
+against the 50k CIFAR-10 training images. Evaluator does the same in a feature space fitted to the data
+(below), with fid.py's formulas: the Frechet distance between Gaussian fits of the two feature sets (FID when
+the features are Inception's, FD otherwise), precision, recall, density and coverage of k-nearest-neighbour
+balls (Kynkaanniemi et al. 2019; Naeem et al. 2020), and in a classifier's space the samples' class histogram.
+Its noise floor is the same metrics between two disjoint sets of real images: what sampling noise alone gives.
+
+    evaluate = Evaluator(real, labels, "auto", None, n_eval=1797, device="cpu", progress=False, cache=...,
+                         classifier_cache="cache", seed=0)
+    evaluate(samples)   # {"fd": .., "precision": .., "recall": .., ..., "features": "classifier"}
+"""
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import fid
+from jobs import UserError, rank_world
+
+
+class Evaluator:
+    """The metrics of samples against the real training set, in one feature space (recorded as `features`):
+
+        inception   Inception-v3 pool features (FID): images of 32 px or more, when the weights are available
+        classifier  the penultimate features of a small classifier trained on the real set's labels
+                    (classifier.py): the default for labelled images under 32 px or in greyscale (the digits,
+                    MNIST), where Inception's 299-px colour view means little and raw pixels judge poorly
+        pixel       raw pixels (--metrics pixel, or small images without labels)
+        raw         the vectors of --data gaussian
+
+    In each: the Frechet distance ("fid" for Inception, else "fd") against the whole real set; precision,
+    recall, density and coverage (k = 3) against its first n_eval points, so both sets hold as many points
+    as the paper's 50k vs 50k. In classifier space also the samples' classes (the classifier's argmax):
+    the total variation distance of their histogram to the real labels' (class_tv), the number of classes
+    produced (classes) and the histogram (class_hist); and the pixel-space metrics as a second view
+    (pixel_fd, pixel_precision, ...). `floor` holds the same metrics between two disjoint sets of real
+    images (n_eval each, at most half the set): what sampling noise alone gives. Under torchrun every rank
+    extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
+
+    def __init__(self, real: torch.Tensor, labels: torch.Tensor | None, choice: str, inception: str | None,
+                 n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int):
+        self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
+        self.main = rank_world()[0] == 0
+        is_image = real.dtype == torch.uint8
+        small = is_image and (real.shape[-1] < 32 or real.shape[1] == 1)  # digits, MNIST: not Inception's kind of image
+        if choice == "classifier" or (choice == "auto" and small and labels is not None):
+            if labels is None or not is_image:
+                raise UserError("--metrics classifier needs labelled images (digits, mnist, fashion-mnist, cifar10, "
+                                "or an .npz with labels)")
+            self.kind = "classifier"
+        elif choice == "inception" or (choice == "auto" and is_image and real.shape[-1] >= 32):
+            try:
+                self.net = fid.load_inception(inception, device=device)
+            except fid.InceptionUnavailable as e:
+                if choice == "inception":
+                    raise UserError(str(e)) from None
+                if self.main:
+                    print(f"retrain.py: Inception weights unavailable, using pixel-space metrics ({e})")
+            self.kind = "inception" if self.net is not None else "pixel"
+        else:
+            self.kind = "pixel" if is_image else "raw"
+        self.fd_key = "fid" if self.kind == "inception" else "fd"
+        self.floor = {}  # rank 0's, below
+        if not self.main:
+            return
+        if self.kind == "classifier":
+            import classifier
+
+            self.clf, self.clf_info = classifier.get(real, labels, classifier_cache, progress=progress)
+            self.labels, self.n_classes = labels.numpy(), int(labels.max()) + 1
+            self.pixel_real = fid.pixel_features(real)
+            self.pixel_stats = fid.feature_stats(self.pixel_real)
+        if self.net is not None:
+            try:
+                ref = fid.reference(real, name=f"train-{len(real)}", path=cache, net=self.net, device=device,
+                                    progress=progress)
+            except fid.ReferenceMismatch as e:
+                raise UserError(str(e)) from None
+            self.real_feats, self.real_stats = ref["features"], (ref["mu"], ref["sigma"])
+        else:
+            self.real_feats = self.features(real)
+            self.real_stats = fid.feature_stats(self.real_feats)
+        self.floor = self.noise_floor(seed)
+
+    def features(self, x: torch.Tensor) -> np.ndarray | None:
+        """Features of x on rank 0 (None on the others). Inception: each rank extracts its share, and rank 0
+        gathers them as one tensor (float32, which the features are, padded to the largest share)."""
+        if self.kind == "classifier":
+            import classifier
+
+            return classifier.features(self.clf, x)
+        if self.net is None:
+            return fid.pixel_features(x) if x.dtype == torch.uint8 else x.reshape(len(x), -1).numpy().astype(np.float64)
+        rank, world = rank_world()
+        shares = torch.tensor_split(x, world)
+        f = fid.inception_features(shares[rank], self.net, device=self.device, progress=self.progress)
+        if world == 1:
+            return f
+        size = len(shares[0])  # tensor_split: the first share is the largest
+        mine = torch.zeros(size, f.shape[1], dtype=torch.float32, device=self.device)
+        mine[:len(f)] = torch.from_numpy(f).to(self.device, torch.float32)
+        parts = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
+        dist.gather(mine, parts, dst=0)
+        if rank != 0:
+            return None
+        return torch.cat([p[:len(s)] for p, s in zip(parts, shares)]).cpu().double().numpy()
+
+    def space_metrics(self, fake_feats: np.ndarray, real_feats: np.ndarray, real_stats: tuple) -> dict:
+        """Frechet distance against real_stats; precision, recall, density, coverage against real_feats' first
+        n_eval points. The matrix square root from symmetric eigenvalues: on a GPU with torch (a second for
+        Inception's 2048 dimensions, where scipy's sqrtm takes ~40 CPU-s), on a CPU with LAPACK."""
+        return fid.feature_metrics(real_feats[:self.n_eval], fake_feats, k=3, device=self.device,
+                                   real_stats=real_stats, fd_device=self.device if self.device.type == "cuda" else None)
+
+    def __call__(self, fake: torch.Tensor) -> dict:
+        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
+        f = self.features(fake) if self.main or self.net is not None else None
+        if not self.main:
+            return {}
+        r = self.space_metrics(f, self.real_feats, self.real_stats)
+        r = {self.fd_key: r.pop("fd"), **r, "features": self.kind}
+        if self.kind == "classifier":
+            import classifier
+
+            r.update(fid.class_metrics(classifier.predict(self.clf, fake), self.labels, self.n_classes))
+            pixel = self.space_metrics(fid.pixel_features(fake), self.pixel_real, self.pixel_stats)
+            r.update({f"pixel_{k}": v for k, v in pixel.items()})
+        return r
+
+    def noise_floor(self, seed: int) -> dict:
+        """The metrics between two disjoint random sets of the real images (n_eval each, at most half of them), in
+        the keys the samples' metrics use, with `n_half`: the floor under which a sample's distance, and above
+        which its precision, recall, density and coverage, cannot be told from sampling noise."""
+        m = min(self.n_eval, len(self.real_feats) // 2)
+        labelled = self.kind == "classifier"
+        r = fid.noise_floor(self.real_feats[:2 * m], seed=seed, labels=self.labels[:2 * m] if labelled else None,
+                            n_classes=self.n_classes if labelled else None, device=self.device)
+        r = {self.fd_key: r.pop("fd"), **r}
+        if labelled:
+            pixel = fid.noise_floor(self.pixel_real[:2 * m], seed=seed, device=self.device)
+            r.update({f"pixel_{k}": pixel[k] for k in ("fd", "precision", "recall", "density", "coverage")})
+        return r
