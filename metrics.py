@@ -12,12 +12,21 @@ Its noise floor is the same metrics between two disjoint sets of real images: wh
     evaluate(samples)   # {"fd": .., "precision": .., "recall": .., ..., "features": "classifier"}
 """
 
+import json
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import fid
+from figures import PANELS, plot_metrics
 from jobs import UserError, rank_world
+from settings import save_atomic
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metrics of one iteration's samples
 
 
 class Evaluator:
@@ -142,3 +151,34 @@ class Evaluator:
             pixel = fid.noise_floor(self.pixel_real[:2 * m], seed=seed, device=self.device)
             r.update({f"pixel_{k}": pixel[k] for k in ("fd", "precision", "recall", "density", "coverage")})
         return r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Over seeds: independent replicates of one run (retrain.py --seeds)
+
+
+def summarize_seeds(base: str, seeds: list[int]) -> dict:
+    """Per lambda and iteration, the mean and standard deviation over seeds of every metric, into base/seeds.json
+    and base/metrics.png, and the last iteration's as lines of text."""
+    configs = [json.load(open(os.path.join(base, f"seed_{seed}", "config.json"))) for seed in seeds]
+    c, lams = configs[0], configs[0]["lams"]
+    folder = lambda seed, lam: os.path.join(base, f"seed_{seed}", *([f"lam_{lam}"] if len(lams) > 1 else []))
+    histories = {lam: [[json.loads(line) for line in open(os.path.join(folder(seed, lam), "metrics.jsonl"))]
+                       for seed in seeds] for lam in lams}
+    summary = {"seeds": seeds, "features": c.get("features"), "noise_floor": c.get("noise_floor"), "lams": {}}
+    for lam, hs in histories.items():
+        rows = []
+        for it in sorted({r["iter"] for h in hs for r in h}):
+            recs = [r for h in hs for r in h if r["iter"] == it]
+            rows.append({"iter": it, "seeds": len(recs), **{k: [float(np.mean([r[k] for r in recs])),
+                                                                float(np.std([r[k] for r in recs], ddof=1)) if len(recs) > 1 else 0.0]
+                                                            for k in PANELS if all(k in r for r in recs)}})
+        summary["lams"][lam] = rows
+        last = rows[-1]
+        print(f"seeds {', '.join(map(str, seeds))}, lam {lam}, iteration {last['iter']} ({last['seeds']} seeds): "
+              + ", ".join(f"{k} {v[0]:.4g} +- {v[1]:.2g}" for k, v in last.items() if k not in ("iter", "seeds")))
+    save_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(base, "seeds.json"))
+    plot_metrics(histories, os.path.join(base, "metrics.png"), floor=c.get("noise_floor"),
+                 title=f"{c['model']} ({c['preset']}) on {c['data']}: mean and one standard deviation over "
+                       f"{len(seeds)} seeds; {c.get('features', '')} features")
+    return summary

@@ -42,31 +42,26 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
-import zipfile
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
 import jobs
 import regimes
-from figures import PANELS, plot_metrics, save_grid
+from figures import plot_metrics, save_grid
 from jobs import UserError, barrier, on_every_rank, rank_world
-from metrics import Evaluator
+from metrics import Evaluator, summarize_seeds
+from settings import (CKPT_FORMAT, N_EVAL_PAPER, Settings, check_folder, init_path, lam_folder, lam_label,
+                      load_checkpoint, load_init, resolve, save_atomic)
 
 MODELS = ("gaussian", "ddpm", "edm", "otcfm")
-N_EVAL_PAPER = 50_000   # samples evaluated per iteration (paper: 50k, against the 50k CIFAR-10 training images)
-CKPT_FORMAT = "retrain-v1"
 LOSS_EVERY = 25  # training steps between reads of the loss: the one host synchronisation of the training loop
 PROBE_SECONDS = 10.0  # the run's clock times one whole sampling batch when a batch of 64 says it takes less than this
 
@@ -78,16 +73,6 @@ PROBE_SECONDS = 10.0  # the run's clock times one whole sampling batch when a ba
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage dump
         raise UserError(f"{message} (see --help)")
-
-
-def parse_lam(s: str) -> float:
-    try:
-        lam = float(s)
-    except ValueError:
-        raise UserError(f"--lam '{s}' is not a number; give values like 0, 0.5, 1 or inf") from None
-    if math.isnan(lam) or lam < 0:
-        raise UserError(f"--lam {s} is invalid; lambda is a non-negative number of synthetic images per real one, or inf")
-    return lam
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,179 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gamma", type=float, default=1.0, metavar="G", help="quadratic reward: the pull toward 0")
     r.add_argument("--reward-class", type=int, default=0, metavar="C", help="the class of --reward class")
     return p
-
-
-def parse_overrides(items: list[str], cfg_cls) -> dict:
-    """--set FIELD=VALUE pairs, each value converted to the type of the field's default."""
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise UserError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        default = fields[key].default
-        try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                out[key] = value.lower() in ("true", "1")
-            elif isinstance(default, (int, float, str)):
-                out[key] = type(default)(value)
-            else:
-                out[key] = json.loads(value)  # lists, tuples, None: JSON
-        except ValueError:
-            how = "" if isinstance(default, (bool, int, float, str)) else f", written as JSON: {json.dumps(default)}"
-            raise UserError(f"--set {item}: cannot read '{value}' as the type of {key} "
-                            f"(default {default!r}{how})") from None
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Settings: resolved and validated once, before anything is written
-
-
-@dataclasses.dataclass
-class Settings:
-    args: argparse.Namespace  # the command line as given (a sweep's processes are started from it)
-    module: object            # the model's file: ddpm, edm, otcfm, gaussian
-    cfg: object               # its Config
-    regime: regimes.Regime
-    config: dict              # config.json's content
-    real: torch.Tensor        # the n real images (uint8 (n, C, H, W)) or vectors (float64 (n, d))
-    reference: tuple          # (images, labels) the samples are measured against: the whole data set
-    truth: tuple | None       # the Gaussian's true (mu, Sigma)
-    lams: list                # the lambdas of the run
-    n_synth: dict             # {lam: synthetic samples per training set}
-    n_gen: dict               # {lam: samples drawn per iteration}
-    out: str                  # the run folder
-    cache: str                # the folder of what later runs reuse: iterations 0, the metrics' classifier
-    device: torch.device
-    world: int
-    progress: bool
-
-    @property
-    def main(self) -> bool:
-        return rank_world()[0] == 0
-
-    @property
-    def is_image(self) -> bool:
-        return self.real.dtype == torch.uint8
-
-
-def choose_preset(args, device: torch.device) -> tuple[str, str]:
-    """(preset, data) of --preset auto: the paper's on CUDA (CIFAR-10), the small one on a CPU (the digits)."""
-    preset, data_spec = args.preset, args.data
-    if preset == "auto":
-        preset = "paper" if device.type == "cuda" else "small"
-        why = "a CUDA device is present" if device.type == "cuda" else "no CUDA device"
-        if data_spec is None:
-            data_spec = "gaussian" if args.model == "gaussian" else ("cifar10" if preset == "paper" else "digits")
-        if rank_world()[0] == 0:
-            print(f"retrain.py: --preset auto -> '{preset}' on {data_spec} ({why}); "
-                  f"choose with --preset paper|small and --data cifar10|digits|PATH")
-    if data_spec is None:
-        data_spec = "gaussian" if args.model == "gaussian" else ("cifar10" if preset != "small" else "digits")
-    return preset, data_spec
-
-
-def load_real(args, data_spec: str) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-    """(real, whole, truth): the n real images, uint8 (n, C, H, W), and the whole labelled data set they are the
-    first n of, (images, labels or None); or for --data gaussian n float64 vectors, None, and the true (mu, Sigma)."""
-    if data_spec == "gaussian":
-        import gaussian
-
-        n = args.n_real or 1000
-        if n < 2:
-            raise UserError(f"--n-real {n}: need at least 2 samples")
-        return gaussian.make_data(args.dim, n, seed=args.seed), None, gaussian.truth(args.dim)
-    try:
-        whole = data.load_labelled(data_spec, root=args.data_root)
-        return data.first(data_spec, *whole, args.n_real)[0], whole, None
-    except data.DataError as e:
-        raise UserError(str(e)) from None
-
-
-def model_config(args, module, preset: str, real: torch.Tensor):
-    """The model's Config: the preset, the data's shape, then --set and --compile."""
-    is_image = real.dtype == torch.uint8
-    shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
-    if is_image and real.shape[-2] != real.shape[-1]:
-        raise UserError(f"images are {real.shape[-2]}x{real.shape[-1]}; the models need square images")
-    overrides = parse_overrides(args.overrides, module.Config)
-    if args.compile:
-        if "compile" not in {f.name for f in dataclasses.fields(module.Config)}:
-            raise UserError(f"--compile: model {args.model} has no network to compile")
-        overrides["compile"] = True
-    if set(overrides) & set(shape):
-        raise UserError(f"--set {', '.join(set(overrides) & set(shape))}: set from the data, not from the command line")
-    try:
-        return module.make_config(preset, **shape, **overrides)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def settings(args, world: int, device: torch.device) -> Settings:
-    """Everything the run will use, and config.json's content."""
-    lams = [parse_lam(s) for s in args.lam]
-    if len(set(lams)) != len(lams):
-        raise UserError("--lam lists a value twice")
-    if args.iters < 0:
-        raise UserError(f"--iters {args.iters} is negative; give 0 or more retraining iterations")
-    module = importlib.import_module(args.model)
-    preset, data_spec = choose_preset(args, device)
-    if preset not in module.PRESETS:
-        raise UserError(f"model {args.model} has no preset '{preset}'; choose from {', '.join(module.PRESETS)}")
-    if data_spec == "gaussian" and args.model != "gaussian":
-        raise UserError("--data gaussian is vector data for --model gaussian; image models need images (digits, cifar10, a path)")
-    real, whole, truth = load_real(args, data_spec)
-    # the samples are measured against the distribution the model is to learn: with --n-real on a data set, the
-    # whole set (as FID is measured against a whole training set; fresh real data is also drawn from it)
-    reference = whole if whole is not None else (real, None)
-    cfg = model_config(args, module, preset, real)
-    regime = regimes.Regime(**{f: getattr(args, f) for f in regimes.FLAGS}).check(data_spec, real, lams, args.iters, whole)
-    kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
-    n = len(real)
-    n_eval = args.n_eval or min(n, N_EVAL_PAPER)
-    n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
-    out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(data_spec.rstrip('/'))}")
-    config = {"model": args.model, "preset": preset, "data": data_spec, "n_real": n, "n_reference": len(reference[0]),
-              "n_eval": n_eval, "lams": [lam_label(lam) for lam in lams], "iters": args.iters, "kimg": kimg,
-              **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics, "world_size": world,
-              "device": device.type, "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
-    return Settings(args, module, cfg, regime, config, real, reference, truth, lams, n_synth,
-                    {lam: max(n_eval, n_synth[lam]) for lam in lams}, out,
-                    args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache"), device, world,
-                    rank_world()[0] == 0 and not args.no_progress)
-
-
-def check_folder(s: Settings) -> None:
-    """A run folder is continued only with --resume and the settings it was started with; the number of processes
-    and the device may change (samples depend on their seeds alone, training on the global batch)."""
-    args, path = s.args, os.path.join(s.out, "config.json")
-    if os.path.exists(path) and args.resume:
-        with open(path) as f:
-            saved = json.load(f)
-        old = {**regimes.DEFAULTS, "n_reference": saved.get("n_real"), **saved}  # older runs: the paper's loop,
-        new = json.loads(json.dumps(s.config))  # measured against their real set
-        for key in new:
-            if key in ("world_size", "device") and old.get(key) != new[key] and s.main:
-                print(f"retrain.py: --resume with {key} {new[key]} (the run began with {old.get(key)})")
-            elif key not in ("iters", "started", "versions", "world_size", "device") and old.get(key) != new[key]:
-                raise UserError(f"--resume: {key} differs from the run in '{s.out}' ({old.get(key)!r} there, {new[key]!r} "
-                                "now); use another --out, or --force to start over")
-    elif (os.path.exists(s.out) and os.listdir(s.out) and not args.force
-          and not (args.resume and os.path.exists(os.path.join(s.out, "iter0.pt")))):  # a sweep's lambda, side by side
-        raise UserError(f"run folder '{s.out}' exists; add --resume to continue it or --force to start over")
-
-
-def lam_label(lam: float) -> str:
-    return "inf" if math.isinf(lam) else f"{lam:g}"
-
-
-def lam_folder(s: Settings, lam: float) -> str:
-    """Where one lambda's iterations go: the run folder itself, or lam_X/ in a sweep."""
-    return s.out if len(s.lams) == 1 else os.path.join(s.out, f"lam_{lam_label(lam)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -472,27 +284,7 @@ def run_clock(s: Settings, model, lams: list, pretraining: bool) -> RunClock | N
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files: atomic checkpoints and metrics
-
-
-def save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    if path.endswith(".pt"):
-        torch.save(obj, tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(obj)
-    os.replace(tmp, path)  # atomic: a kill leaves the old file or the new one, never half of one
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint '{path}' ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise UserError(f"'{path}' is not a checkpoint written by retrain.py")
-    return ckpt
+# A record of metrics.jsonl
 
 
 def log_line(r: dict) -> str:
@@ -518,47 +310,6 @@ def record(s: Settings, evaluate, model, it: int, lam: float, seconds: float, sa
 
 # ----------------------------------------------------------------------------------------------------
 # Iteration 0: --init, the cache, or pretraining
-
-
-def init_path(s: Settings) -> str:
-    """The file that --init names; for 'official', the released checkpoint, downloaded by rank 0 into the torch
-    hub cache when it is not there (run inside on_every_rank, whose end the other ranks wait at)."""
-    path, model = s.args.init, s.args.model
-    if path == "official":
-        key = s.config["data"]  # the released-checkpoint key: cifar10, ffhq64, ...
-        if key != "cifar10":
-            base = os.path.basename(key.rstrip("/"))
-            key = "ffhq64" if "ffhq" in base.lower() and s.real.shape[-1] == 64 else base
-        url = s.module.OFFICIAL_URLS.get(key)
-        if url is None:
-            raise UserError(f"no released {model} checkpoint for data '{key}' (have: {', '.join(s.module.OFFICIAL_URLS) or 'none'})")
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.exists(path) and s.main:
-            print(f"downloading {url} -> {path}")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(url, path)
-            except Exception as e:
-                raise UserError(f"could not download {url} ({e}); download it by hand and pass --init PATH") from None
-    return path
-
-
-def load_init(s: Settings, model, path: str) -> str:
-    """The --init file into `model`: a retrain.py checkpoint, or a released checkpoint file."""
-    name = s.args.model
-    if not os.path.isfile(path):
-        raise UserError(f"--init '{path}' not found: give a checkpoint file or 'official'")
-    try:  # torch.save files are zips; anything else (EDM's .pkl) goes to the model's own loader
-        ckpt = torch.load(path, map_location="cpu", weights_only=True) if zipfile.is_zipfile(path) else None
-        if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
-            if ckpt["model"] != name:
-                raise ValueError(f"it holds a {ckpt['model']} model, not {name}")
-            model.load_state_dict(ckpt["state"])
-        else:
-            model.load_pretrained(path)
-    except Exception as e:
-        raise UserError(f"--init '{path}' does not fit this {name} model: {str(e).splitlines()[0]}") from None
-    return f"init {path}"
 
 
 def iter0_cache(s: Settings) -> str | None:
@@ -709,7 +460,7 @@ def run(args) -> None:
     rank, world, device = jobs.setup_device(args.device)
     threads = jobs.cpu_threads(args.threads, world) if device.type == "cpu" else jobs.plural(torch.get_num_threads(), "CPU thread")
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
-        s = settings(args, world, device)
+        s = resolve(args, world, device)
         check_folder(s)
     with on_every_rank():
         torch.manual_seed(args.seed)  # the network's initial weights: the same on every rank and in every run
@@ -854,33 +605,6 @@ def run_seeds(args) -> None:
         run(one)
     if rank_world()[0] == 0:
         summarize_seeds(base, args.seeds)
-
-
-def summarize_seeds(base: str, seeds: list[int]) -> dict:
-    """Per lambda and iteration, the mean and standard deviation over seeds of every metric, into base/seeds.json
-    and base/metrics.png, and the last iteration's as lines of text."""
-    configs = [json.load(open(os.path.join(base, f"seed_{seed}", "config.json"))) for seed in seeds]
-    c, lams = configs[0], configs[0]["lams"]
-    folder = lambda seed, lam: os.path.join(base, f"seed_{seed}", *([f"lam_{lam}"] if len(lams) > 1 else []))
-    histories = {lam: [[json.loads(line) for line in open(os.path.join(folder(seed, lam), "metrics.jsonl"))]
-                       for seed in seeds] for lam in lams}
-    summary = {"seeds": seeds, "features": c.get("features"), "noise_floor": c.get("noise_floor"), "lams": {}}
-    for lam, hs in histories.items():
-        rows = []
-        for it in sorted({r["iter"] for h in hs for r in h}):
-            recs = [r for h in hs for r in h if r["iter"] == it]
-            rows.append({"iter": it, "seeds": len(recs), **{k: [float(np.mean([r[k] for r in recs])),
-                                                                float(np.std([r[k] for r in recs], ddof=1)) if len(recs) > 1 else 0.0]
-                                                            for k in PANELS if all(k in r for r in recs)}})
-        summary["lams"][lam] = rows
-        last = rows[-1]
-        print(f"seeds {', '.join(map(str, seeds))}, lam {lam}, iteration {last['iter']} ({last['seeds']} seeds): "
-              + ", ".join(f"{k} {v[0]:.4g} +- {v[1]:.2g}" for k, v in last.items() if k not in ("iter", "seeds")))
-    save_atomic(json.dumps(summary, indent=1) + "\n", os.path.join(base, "seeds.json"))
-    plot_metrics(histories, os.path.join(base, "metrics.png"), floor=c.get("noise_floor"),
-                 title=f"{c['model']} ({c['preset']}) on {c['data']}: mean and one standard deviation over "
-                       f"{len(seeds)} seeds; {c.get('features', '')} features")
-    return summary
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import classifier
+import data
 import ddpm
 import edm
 import fid
@@ -186,7 +187,7 @@ def test_a_subset_is_measured_against_the_whole_data_set(tmp_path, real):
     config = json.load(open(tmp_path / "config.json"))
     assert (config["n_real"], config["n_reference"]) == (100, 1797)
     samples = retrain.load_checkpoint(str(tmp_path / "ckpt.pt"))["samples"]  # iteration 1's
-    digits = retrain.data.load_labelled("digits")[0]
+    digits = data.load_labelled("digits")[0]
     fake = fid.feature_stats(fid.pixel_features(samples))
 
     def fd(reference):
@@ -267,7 +268,7 @@ def test_resume_with_every_flag_ddpm_and_classifier_reward(tmp_path, monkeypatch
     reward's classifier is trained once, then loaded from the cache, and gives the same rewards both ways."""
     get = classifier.get
     monkeypatch.setattr(classifier, "get", lambda x, y, cache, *a, **k: get(x, y, cache, classifier.Config(steps=30)))
-    digits, zero = retrain.data.load_labelled("digits"), torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    digits, zero = data.load_labelled("digits"), torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
     rewards = [regimes.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item()]
     assert len(list((tmp_path / "c").glob("classifier-*.pt"))) == 1
     rewards.append(regimes.image_reward({"kind": "confidence"}, digits, "cpu", str(tmp_path / "c"))(zero).item())

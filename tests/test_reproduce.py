@@ -1,35 +1,50 @@
-"""reproduce.py: its commands parse (a dry run), the job pool keeps its order and limits, and a lambda
-job started from a pretrained iteration 0 gives the numbers of the same lambda in one sweep."""
+"""reproduce.py: its commands parse (a dry run), a stage runs its jobs with their threads and logs and
+records its time, a lambda job started from a pretrained iteration 0 gives the numbers of the same lambda
+in one sweep, and each stage's figures are drawn from its run folders."""
 
 import json
+import math
 import os
 import shlex
 
 import pytest
 
+import regimes
 import reproduce
 import retrain
+import settings
 
 
 def test_dry_run_parses_every_command(capsys):
     assert reproduce.main(["all", "--dry-run"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed == [job.cmd for stage in reproduce.STAGES.values() for job in stage]
+    every = [job for stage in reproduce.STAGES.values() for job in stage]
+    assert printed == [reproduce.command(job) for job in every]
+    assert [shlex.split(line) for line in printed] == [["python", "retrain.py", *job.argv[1:]] for job in every]
+    assert all(job.log == os.path.join(reproduce.RUNS, "logs", f"{job.name}.log") for job in every)
     assert sum("--model gaussian" in c for c in printed) == (1 + len(reproduce.COLLAPSE_N)
                                                             + len(reproduce.STAGES["regimes-gaussian"]))
     for m in reproduce.DIGITS_MODELS:
-        assert sum(f"--model {m} " in job.cmd for job in reproduce.STAGES["digits"]) == 1 + len(reproduce.DIGITS_LAMS)
+        assert (sum(f"--model {m} " in reproduce.command(job) for job in reproduce.STAGES["digits"])
+                == 1 + len(reproduce.DIGITS_LAMS))
     names = [job.name for stage in reproduce.STAGES.values() for job in stage]
     assert len(set(names)) == len(names)  # one log file each
     jobs = {job.name: job for job in reproduce.STAGES["digits"]}
     for job in jobs.values():  # every lambda job finds its model's iterations 0 in the cache its pretrain job filled
         assert (job.after is None) == job.name.endswith("-pretrain")
-        args = retrain.build_parser().parse_args(shlex.split(job.cmd)[2:])
+        args = retrain.build_parser().parse_args(job.argv[1:])
         assert args.seeds == list(reproduce.DIGITS_SEEDS) and len(args.seeds) >= 3 and args.metrics == "auto"
         if job.after:
-            first = retrain.build_parser().parse_args(shlex.split(jobs[job.after].cmd)[2:])
+            first = retrain.build_parser().parse_args(jobs[job.after].argv[1:])
             assert args.cache == first.cache and args.model == first.model and args.seeds == first.seeds
             assert first.iters == 0 and args.iters == reproduce.DIGITS_ITERS and not args.init
+
+
+def regime(args, real, whole):
+    """retrain.py's regime for a parsed command, checked against its data as the run checks it."""
+    lams = [settings.parse_lam(lam) for lam in args.lam]
+    flags = {f: getattr(args, f) for f in regimes.FLAGS}
+    return regimes.Regime(**flags).check(args.data, real, lams, args.iters, whole)
 
 
 def test_regimes_gaussian_commands(capsys):
@@ -40,11 +55,11 @@ def test_regimes_gaussian_commands(capsys):
 
     assert reproduce.main(["regimes-gaussian", "--dry-run"]) == 0
     jobs = reproduce.STAGES["regimes-gaussian"]
-    assert capsys.readouterr().out.strip().splitlines() == [job.cmd for job in jobs]
-    parsed = [retrain.build_parser().parse_args(shlex.split(job.cmd)[2:]) for job in jobs]
+    assert capsys.readouterr().out.strip().splitlines() == [reproduce.command(job) for job in jobs]
+    parsed = [retrain.build_parser().parse_args(job.argv[1:]) for job in jobs]
     for args in parsed:
         real = gaussian.make_data(args.dim, args.n_real)
-        retrain.make_regime(args, args.data, real, [retrain.parse_lam(lam) for lam in args.lam], None)  # raises on a bad mix
+        regime(args, real, None)  # raises on a bad mix
         assert args.model == "gaussian" and args.dim == 1 and args.resume and len(args.seeds) >= 3
     assert len({args.out for args in parsed}) == len(parsed)
     pools = [a for a in parsed if a.pool != "replace" or (a.lam == ["inf"] and a.curate == 1)]
@@ -67,14 +82,14 @@ def test_regimes_digits_commands(capsys):
 
     assert reproduce.main(["regimes-digits", "--dry-run"]) == 0
     jobs = reproduce.STAGES["regimes-digits"]
-    assert capsys.readouterr().out.strip().splitlines() == [job.cmd for job in jobs]
+    assert capsys.readouterr().out.strip().splitlines() == [reproduce.command(job) for job in jobs]
     digits = data.load_labelled("digits")
     real = digits[0]
-    parsed = {job.name: retrain.build_parser().parse_args(shlex.split(job.cmd)[2:]) for job in jobs}
+    parsed = {job.name: retrain.build_parser().parse_args(job.argv[1:]) for job in jobs}
     for job in jobs:
         args = parsed[job.name]
         n = args.n_real or len(real)
-        retrain.make_regime(args, args.data, real[:n], [retrain.parse_lam(lam) for lam in args.lam], digits)
+        regime(args, real[:n], digits)
         assert args.model == reproduce.RD_MODEL and args.cache == parsed["rd-pretrain"].cache and args.resume
         if job.after:  # the same data and seed as the job that pretrained its iteration 0
             first = parsed[job.after]
@@ -91,56 +106,48 @@ def test_regimes_digits_commands(capsys):
 
 
 def test_dry_run_rejects_a_broken_command(monkeypatch):
-    monkeypatch.setitem(reproduce.STAGES, "theory", [reproduce.Job("bad", f"{reproduce.PY} --model gaussian --lamda 1")])
+    bad = reproduce.retrain_job("bad", f"{reproduce.PY} --model gaussian --lamda 1")
+    monkeypatch.setitem(reproduce.STAGES, "theory", [bad])
     with pytest.raises(retrain.UserError):
         reproduce.main(["theory", "--dry-run"])
 
 
-def _sleeper(name, log, after=None, code=0):
-    """A job that records its start and end times in `log` and exits with `code`."""
-    src = (f"import time, sys; open({str(log)!r}, 'a').write(f'{name} start {{time.time()}}\\n'); time.sleep(0.3); "
-           f"open({str(log)!r}, 'a').write(f'{name} end {{time.time()}}\\n'); sys.exit({code})")
-    return reproduce.Job(name, f"python -c \"{src}\"", after)
+FAKE = """import os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "threads.txt"), "w") as f:
+    f.write(os.environ["OMP_NUM_THREADS"])
+print("ran", out)
+sys.exit(3 if "--lam" in sys.argv else 0)
+"""
 
 
-def _events(log):
-    out = {}
-    for line in open(log):
-        name, what, t = line.split()
-        out[name, what] = float(t)
-    return out
-
-
-def test_job_pool_respects_order_and_limit(tmp_path):
-    log = tmp_path / "events.txt"
-    jobs = [_sleeper("a", log), _sleeper("b", log, after="a"), _sleeper("c", log), _sleeper("d", log)]
-    code, spans = reproduce.run_jobs(jobs, workers=2, threads=1, logs=str(tmp_path / "logs"), poll=0.05)
-    assert code == 0 and set(spans) == {"a", "b", "c", "d"}
-    ev = _events(log)
-    assert ev["b", "start"] >= ev["a", "end"]  # b waits for a
-    times = sorted((t, +1 if what == "start" else -1) for (_, what), t in ev.items())
-    running = [sum(d for _, d in times[:i + 1]) for i in range(len(times))]
-    assert max(running) == 2  # two at a time, never three
-    assert sorted(os.listdir(tmp_path / "logs")) == ["a.log", "b.log", "c.log", "d.log"]
-
-
-def test_job_pool_starts_awaited_jobs_first(tmp_path):
-    """One worker, list order a, b, c, where c waits for b: b (awaited) starts first, then a and c in list order."""
-    log = tmp_path / "events.txt"
-    jobs = [_sleeper("a", log), _sleeper("b", log), _sleeper("c", log, after="b")]
-    code, _ = reproduce.run_jobs(jobs, workers=1, threads=1, logs=str(tmp_path / "logs"), poll=0.05)
-    ev = _events(log)
-    assert code == 0 and ev["b", "start"] < ev["a", "start"] < ev["c", "start"]
-
-
-def test_job_pool_stops_at_a_failure(tmp_path):
-    log = tmp_path / "events.txt"
-    jobs = [_sleeper("a", log, code=3), _sleeper("b", log, after="a")]
-    code, spans = reproduce.run_jobs(jobs, workers=2, threads=1, logs=str(tmp_path / "logs"), poll=0.05)
-    assert code == 3 and spans == {}
-    assert ("b", "start") not in _events(log)  # the job waiting for the failed one never started
-    with pytest.raises(ValueError):  # a job waiting for a job that is not in the list
-        reproduce.run_jobs([_sleeper("x", log, after="nowhere")], 1, 1, str(tmp_path / "logs"), poll=0.05)
+def test_a_stage_runs_its_jobs_and_records_its_time(tmp_path, monkeypatch, capsys):
+    """A made-up stage of two commands that parse as retrain.py's (the second waits for the first): each runs with
+    the CPU cores shared out as OMP_NUM_THREADS and logs into RUNS/logs/NAME.log; the stage's figures are drawn
+    and its time written to times.json, marked resumed when its runs were there already. A failing job stops
+    the stage with its exit code."""
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE)
+    monkeypatch.setattr(reproduce, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
+    stage = [reproduce.retrain_job("one", f"python {script} --model gaussian --out {tmp_path}/one"),
+             reproduce.retrain_job("two", f"python {script} --model gaussian --out {tmp_path}/two", after="one")]
+    monkeypatch.setattr(reproduce, "STAGES", {"theory": stage})
+    monkeypatch.setattr(reproduce, "FIGURES", {"theory": lambda: ["results/made.png"]})
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for resumed in (False, True):
+        assert reproduce.main(["theory", "--jobs", "2"]) == 0
+        assert [(tmp_path / run / "threads.txt").read_text() for run in ("one", "two")] == [threads, threads]
+        assert f"ran {tmp_path}/two" in (tmp_path / "runs" / "logs" / "two.log").read_text()
+        times = json.load(open(tmp_path / "results" / "times.json"))["theory"]
+        assert times["figures"] == ["results/made.png"] and times["jobs"] == 2 and times["threads"] == int(threads)
+        assert times["resumed"] == resumed and times["seconds"] > 0
+    out = capsys.readouterr().out
+    assert "start one" in out and "done  two" in out and "theory: results/made.png" in out
+    stage.append(reproduce.retrain_job("three", f"python {script} --lam 1 --out {tmp_path}/three"))
+    assert reproduce.main(["theory"]) == 3
+    assert f"three stopped with exit code 3; see {tmp_path}/runs/logs/three.log" in capsys.readouterr().err
 
 
 def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path, digits_cache):
@@ -166,7 +173,7 @@ def test_lambda_job_from_iteration_0_equals_the_sweep(tmp_path, digits_cache):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The figures and tables, drawn from made-up runs
+# The figures and tables (figures.py, called as reproduce.FIGURES does), drawn from made-up runs
 
 
 def _fake_run(folder, records, floor=None):
@@ -204,7 +211,7 @@ def test_digits_table_gives_mean_sd_over_seeds_and_says_what_stands_above_the_no
             for seed, fd in zip(reproduce.DIGITS_SEEDS, fds):
                 _fake_run(tmp_path / "runs" / f"digits-{m}" / f"lam_{lam}" / f"seed_{seed}",
                           [_record(0, 1.0), _record(1, (1 + fd) / 2), _record(2, fd)], FLOOR)
-    made = reproduce.digits_figures()
+    made = reproduce.FIGURES["digits"]()
     assert all(os.path.exists(p) for p in made) and len(made) == 2 * len(reproduce.DIGITS_MODELS) + 1
     table = open(made[-1]).read()
     assert "| ddpm | inf | 1.00 ± 0.00 | 6.00 ± 1.00 |" in table  # mean and sample standard deviation
@@ -226,9 +233,38 @@ def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
                 hist = [10 + 9 * it] + [10 - it] * 9
             records.append(_record(it, 1.0 + it, class_hist=hist, reward=-2.0 + it / 2))
         _fake_run(tmp_path / "rd" / name, records, FLOOR)
-    figure, notes = reproduce.regimes_digits_figures()
+    figure, notes = reproduce.FIGURES["regimes-digits"]()
     assert os.path.exists(figure)
     text = open(notes).read()
     assert "λ = inf: share of class 0 0.100 → 0.370, mean reward -2.00 → -0.50" in text
     assert "fully synthetic, accumulate: FD 1.00 → 4.00 (iteration 3)" in text
     assert "noise floor, two disjoint sets of 898 real digits: FD 2.50" in text
+
+
+def test_regimes_gaussian_figures_and_notes(tmp_path, monkeypatch):
+    """Every regimes-gaussian job as 3 seeds of 25 iterations, s2 = 1 throughout: the notes give the runs' seeds and
+    iterations, and the closed forms that do not depend on the data (the bound of accumulate; curation with the
+    real set: a fixed point at the lower beta, none at the higher)."""
+    import gaussian
+
+    monkeypatch.setattr(reproduce, "REGIMES", str(tmp_path / "rg"))
+    monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
+    os.makedirs(tmp_path / "results")
+    for job in reproduce.STAGES["regimes-gaussian"]:
+        folder = tmp_path / "rg" / job.name.removeprefix("gauss-")
+        for seed in range(3):
+            os.makedirs(folder / f"seed_{seed}")
+            (folder / f"seed_{seed}" / "metrics.jsonl").write_text("".join(
+                json.dumps({"iter": it, "logdet": 0.0, "mean_err": 0.1 * (seed + 1), "reward": 0.1 * it}) + "\n"
+                for it in range(26)))
+        (folder / "seeds.json").write_text(json.dumps({"seeds": [0, 1, 2]}))
+    *figs, notes = reproduce.FIGURES["regimes-gaussian"]()
+    assert len(figs) == 3 and all(os.path.exists(f) for f in figs)
+    text = open(notes).read()
+    n, sigma2 = reproduce.POOL_N, gaussian.truth(1)[1].item()
+    assert f"n = {n} per generation, 3 seeds, iteration 25" in text
+    assert f"E[s²_0]/n = {sigma2 / n + math.pi ** 2 / 6 * sigma2 * (n - 1) / n / n:.4g}" in text
+    assert "3 seeds, 25 iterations; stationary = iterations 10..25" in text
+    low, high = reproduce.BETAS
+    assert f"λ = 1, β = {low:g} (4λ(1+λ)β²v_R = {8 * low ** 2:.3f} ≤ 1): stationary μ − μ_0" in text
+    assert f"λ = 1, β = {high:g} (4λ(1+λ)β²v_R = {8 * high ** 2:.3f} > 1, no fixed point)" in text

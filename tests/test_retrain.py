@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import gaussian
 import retrain
+import settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +187,7 @@ def meanmodel(monkeypatch):
 
 
 def test_training_budget_batches_and_flips(tmp_path, meanmodel):
-    real = retrain.data.load_images("digits", n=50)
+    real = data.load_images("digits", n=50)
     mod = sys.modules["meanmodel"]
     m = MeanModel(mod.Config())
     stats = retrain.train(m, real, 0.16, m.cfg, seed=0, it=1, progress=False, desc="")
@@ -383,12 +385,12 @@ def test_bad_input_one_line_and_folder_untouched(tmp_path, existing_run, capsys,
 def test_set_reads_tuples_as_json_and_says_so_when_it_cannot():
     import ddpm
 
-    assert retrain.parse_overrides(["ch_multipliers=[1, 4]", "hid_channels=8"], ddpm.Config) == {
+    assert settings.parse_overrides(["ch_multipliers=[1, 4]", "hid_channels=8"], ddpm.Config) == {
         "ch_multipliers": [1, 4], "hid_channels": 8}
     with pytest.raises(retrain.UserError, match=r"written as JSON: \[1, 2, 2, 2\]"):
-        retrain.parse_overrides(["ch_multipliers=1,4"], ddpm.Config)
+        settings.parse_overrides(["ch_multipliers=1,4"], ddpm.Config)
     with pytest.raises(retrain.UserError, match=r"hid_channels \(default 128\)$"):
-        retrain.parse_overrides(["hid_channels=eight"], ddpm.Config)
+        settings.parse_overrides(["hid_channels=eight"], ddpm.Config)
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):

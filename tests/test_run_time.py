@@ -10,6 +10,7 @@ import torch
 
 import jobs
 import retrain
+import settings
 from test_retrain import mean_module, metrics, run
 
 TOY = ["--model", "meanmodel", "--data", "digits", "--n-real", 50, "--lam", 1, "--iters", 1, "--metrics", "pixel"]
@@ -50,7 +51,7 @@ def test_iteration_0_is_cached_across_runs(tmp_path, meanmodel, capsys):
 def test_cache_key_follows_everything_iteration_0_depends_on(tmp_path, meanmodel):
     """The cache file's name changes with the Config, the data, the seed and the number of samples."""
     args = retrain.build_parser().parse_args([*map(str, TOY), "--out", str(tmp_path / "run")])
-    s = retrain.settings(args, 1, torch.device("cpu"))
+    s = settings.resolve(args, 1, torch.device("cpu"))
 
     def key(cfg=s.cfg, real=s.real, samples=50, seed=0):
         args.seed = seed
