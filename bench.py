@@ -15,36 +15,8 @@ Bertrand et al., "On the Stability of Iterative Retraining of Generative Models 
                 batch 64), beside the CPU figures of the reference implementations (2 threads, float32),
                 shown when the run is comparable: paper preset, CPU, 2 threads (any --dtype)
 
-GPU acceptance check. `python bench.py --gpu-check` (one or more CUDA GPUs; meant to take under 10 minutes, most
-of it torch.compile) prints one line per check as it finishes,
-
-    PASS name: detail          FAIL name: reason          SKIP name: why
-
-then the tables of what it ran (img/s, MFU, peak memory), writes all of it to JSON (--json PATH; default
-gpu_check.json in the current folder) and exits with status 1 when a check failed, 0 otherwise. The checks
-(choose with --checks; --model limits models, compile and memory to some models):
-
-    models      "ddpm eager", "edm eager", "otcfm eager": bench_model at the paper preset and batch, with the profile
-                the models' "auto" resolves to on CUDA (bf16, channels_last, fused Adam): 5 Model.train_step calls
-                (finite losses), 2 Model.generate calls of the preset's sample_batch seeds with its sampler (finite
-                images of the right shape in [-1, 1], an NFE), Model.profile as expected
-    compile     "ddpm compile", ...: the same with Config.compile = True; FAIL also when a model fell back to eager
-    memory      "memory edm/ffhq64", "memory ddpm", "memory otcfm": 2 training steps at the preset's batch (256 at
-                64x64; 128), their peak memory (PeakMemory); PASS when they run with finite losses
-    retrain     "files": 2,048 random 32x32 RGB uint8 images as an .npy file (NHWC) and random FID Inception weights
-                (fid.FIDInception's state_dict), read back by data.load_images and fid.load_inception;
-                "retrain edm": retrain.main(["--preset", "paper", "--iters", "1", "--metrics", "inception", ...]) in
-                this process on those files (--retrain-model), 4 + 2 optimizer steps (--set pretrain_kimg, kimg);
-                PASS when metrics.jsonl holds iterations 0 and 1 with finite fid, precision and recall
-    torchrun    with 2+ GPUs, the same retrain.py run under python -m torch.distributed.run --standalone
-                --nproc_per_node=N (N: the GPUs, lowered until it divides the batch); PASS on exit 0 and those
-                metrics; else "SKIP torchrun: 1 GPU"
-
-Its JSON holds the header (GPU, torch, CUDA), each check (status, detail, seconds; the retrain runs' metrics) and
-the model and memory rows; README's Performance section takes its figures from there. `--gpu-check --tiny
---device cpu` runs the same code on the CPU in about half a minute (the test suite does): each paper preset a few
-channels wide (TINY_NETS), the CUDA profile forced (amp=bf16, channels_last=true, fused_adam=true), batch 4,
-2 seeds, 2-step samplers (otcfm keeps dopri5), 8 images; its compile checks are skipped.
+The GPU acceptance check, which runs these measurements at the paper presets and asserts on what they
+return, is a pytest file: `python -m pytest -m gpu -v` (tests/test_gpu_check.py).
 
 Every rate is the median over timed repetitions after warm-up. Where a sampler is too slow to run in
 full (the paper networks on a CPU), generate() is timed with a few network evaluations and scaled to the
@@ -55,9 +27,7 @@ sampler's NFE; the table says so ("projected") next to each such number.
     python bench.py --model edm --ffhq64 --dtype bf16 --compile --json bench.json
     python bench.py --only raw --device cpu --threads 2 --dtype fp32     # the reference-comparable rows
     python bench.py --model otcfm --set otcfm.sampler=euler              # any Config field of a model
-    python bench.py --gpu-check                        # the GPU acceptance check: PASS/FAIL lines, gpu_check.json
-    python bench.py --gpu-check --checks retrain torchrun --json gpu.json        # some of its checks
-    python bench.py --gpu-check --tiny --device cpu    # its code at tiny sizes on the CPU
+    python bench.py --demo                             # the small presets on the CPU, README's command
     python -m pytest tests/test_bench.py
 """
 
@@ -67,29 +37,22 @@ import contextlib
 import datetime
 import gc
 import importlib
-import io
 import json
 import math
 import os
 import platform
 import resource
-import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
 import fid
 import reproduce
-import retrain
 
 # ----------------------------------------------------------------------------------------------------
 # Settings
@@ -483,319 +446,6 @@ def bench_metrics(n: int, dim: int, fd_dim: int, device: torch.device, cfg: Conf
             "metrics_measured": {"cov_s": t_cov, "fd_s": t_fd, "pr_s": t_pr, "n": n, "dim": dim, "fd_dim": fd_dim}}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The GPU acceptance check (--gpu-check): does the CUDA path run, end to end, at the paper's sizes?
-
-
-@dataclass
-class GpuCheck:
-    train_calls: int = 5          # Model.train_step calls of a model check (1 warm-up, 4 timed)
-    sample_calls: int = 2         # Model.generate calls of a model check (1 warm-up, 1 timed), the preset's sampler
-    retrain_model: str = "edm"    # the model of the retrain.py checks: EDM carries the most paper features
-    images: int = 2048            # random 32x32 RGB uint8 images of the retrain.py checks (= samples per iteration)
-    pretrain_steps: int = 4       # optimizer steps of iteration 0: --set pretrain_kimg = steps * batch / 1000
-    finetune_steps: int = 2       # optimizer steps of iteration 1: --set kimg = steps * batch / 1000
-    memory_runs: tuple = (("edm", "ffhq64"), ("ddpm", "paper"), ("otcfm", "paper"))  # their batches: 256, 128, 128
-    torchrun_timeout_s: int = 600  # the torchrun subprocess
-    # --tiny: the same code on the CPU in seconds
-    tiny_batch: int = 4           # images per training step (model, memory and retrain.py checks)
-    tiny_sample_n: int = 2        # seeds per generate() call of a model check
-    tiny_sample_batch: int = 8    # sample_batch of the retrain.py check
-    tiny_images: int = 8          # images of the retrain.py check (the Inception forward costs ~0.15 CPU-s each;
-    #                               its two 2048-d Frechet distances ~5 s each, whatever the count)
-
-
-GC = GpuCheck()
-
-# --tiny: each paper preset's structure (attention level, augment labels, sampler) a few channels wide, with
-# 2-step DDIM / Heun samplers; otcfm keeps its adaptive dopri5
-TINY_NETS = {
-    "ddpm": dict(hid_channels=8, norm_groups=4, ch_multipliers=(1, 1), apply_attn=(False, True), num_res_blocks=1,
-                 sample_steps=2),
-    "edm": dict(model_channels=8, channel_mult=(1, 1), num_blocks=1, num_steps=2),
-    "otcfm": dict(channels=8, norm_groups=4, channel_mult=(1, 1), num_res_blocks=1, head_channels=8),
-}
-# --tiny: the CUDA profile set by hand (the models' "auto" resolves to it on CUDA); amp comes from --dtype = bf16
-CUDA_PROFILE = {"channels_last": "true", "fused_adam": "true"}
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def run_check(s: dict, name: str, fn) -> dict:
-    """The check `name`: fn() -> (problems, detail, extra). PASS without problems, else FAIL with them as the
-    reason; an exception is a FAIL with its first line (its traceback goes to stderr). Printed at once."""
-    t0 = time.perf_counter()
-    try:
-        problems, detail, extra = fn()
-    except Exception as e:
-        import traceback
-
-        traceback.print_exc()
-        problems, detail, extra = [first_line(e)], "", {}
-    status = "FAIL" if problems else "PASS"
-    check = {"name": name, "status": status, "detail": "; ".join(problems) if problems else detail,
-             "seconds": round(time.perf_counter() - t0, 2), **extra}
-    return record_check(s, check)
-
-
-def skip_check(s: dict, name: str, why: str) -> dict:
-    return record_check(s, {"name": name, "status": "SKIP", "detail": why, "seconds": 0.0})
-
-
-def record_check(s: dict, check: dict) -> dict:
-    print(f"{check['status']} {check['name']}: {check['detail']}", flush=True)
-    s["checks"].append(check)
-    if s["device"].type == "cuda":  # what the check left goes back to the GPU before the next one
-        gc.collect()
-        torch.cuda.empty_cache()
-    return check
-
-
-def expected_profile(overrides: dict, device: torch.device, compile_: bool) -> dict:
-    """Model.profile that the settings must resolve to: bf16, and channels_last / fused Adam unless turned off."""
-    def on(field):
-        v = overrides.get(field, "auto")
-        return device.type == "cuda" if v == "auto" else v in (True, "true")
-    return {"amp": "bf16", "channels_last": on("channels_last"), "fused_adam": on("fused_adam"), "compile": compile_}
-
-
-def check_model(name: str, s: dict, compile_: bool) -> tuple[list, str, dict]:
-    """bench_model at the paper preset: train_step calls (finite losses), generate() with the preset's sampler
-    (finite samples of the right shape in [-1, 1], an NFE), the resolved profile, and with compile no fallback."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            row, _ = bench_model(name, "paper", {**s, "compile": compile_})
-    finally:
-        if compile_:
-            torch._dynamo.reset()  # the next model compiles from scratch, without this one's graphs in memory
-    row["model"] = f"{name} {'compile' if compile_ else 'eager'}"
-    s["gc_models"].append(row)
-    problems = []
-    losses = row["train_losses"]
-    if len(losses) != s["warmup"] + s["iters"] or not all(math.isfinite(v) for v in losses):
-        problems.append(f"losses {losses}")
-    smp, res = row["samples"], row["resolution"]
-    want = [row["sample_batch"], row["channels"], res, res]
-    if smp["shape"] != want:
-        problems.append(f"samples of shape {smp['shape']}, expected {want}")
-    if not smp["finite"]:
-        problems.append("non-finite samples")
-    elif not -1 <= smp["min"] <= smp["max"] <= 1:
-        problems.append(f"samples in [{smp['min']:.4g}, {smp['max']:.4g}], outside [-1, 1]")
-    if isinstance(row["nfe"], bool) or not isinstance(row["nfe"], int) or row["nfe"] < 1:
-        problems.append(f"nfe {row['nfe']!r}")
-    want_profile = expected_profile(s["overrides"].get(name, {}), s["device"], compile_)
-    if row["profile"] != want_profile:
-        problems.append(f"Model.profile {row['profile']}, expected {want_profile}")
-    messages = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)))
-    for m in messages:  # shown once each, after the check
-        print(f"warning ({row['model']}): {m}", file=sys.stderr)
-    failed = [m for m in messages if "torch.compile failed" in m]
-    if compile_ and failed:
-        problems.append(f"fell back to eager: {failed[0]}")
-    detail = (f"{len(losses)} train_step losses {losses[0]:.4g} .. {losses[-1]:.4g}, samples {tuple(smp['shape'])} "
-              f"in [{smp['min']:.3f}, {smp['max']:.3f}], {row['sampler']} NFE {row['nfe']}; "
-              f"train {fmt(row['train_img_s'])} img/s (MFU {pct(row['train_mfu'])}, peak {mib(row['train_peak_mib'])}"
-              f" MiB), sample {fmt(row['sample_img_s'])} img/s (MFU {pct(row['sample_mfu'])}, peak "
-              f"{mib(row['sample_peak_mib'])} MiB)")
-    return problems, detail, {"row": row["model"]}
-
-
-def check_memory(name: str, preset: str, s: dict) -> tuple[list, str, dict]:
-    """Training steps at the preset's batch (its paper batch on CUDA): the peak memory; PASS when it runs."""
-    row, _ = bench_model(name, preset, {**s, "sample": False, "warmup": 1, "iters": 1})
-    s["gc_memory"].append(row)
-    losses = row["train_losses"]
-    problems = [] if all(math.isfinite(v) for v in losses) else [f"losses {losses}"]
-    res = row["resolution"]
-    detail = (f"batch {row['train_batch']} at {res}x{res}: peak {mib(row['train_peak_mib'])} MiB "
-              f"({s['mem'].kind}), {fmt(row['train_img_s'])} img/s, MFU {pct(row['train_mfu'])}")
-    return problems, detail, {"row": row["model"]}
-
-
-def write_files(s: dict) -> tuple[list, str, dict]:
-    """The retrain.py checks' inputs: random uint8 images as an .npy file (NHWC, as data.py reads them) and FID
-    Inception weights of the right shapes (random), which fid.load_inception must accept."""
-    work, n = s["workdir"], s["images"]
-    images = np.random.default_rng(0).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)  # (N, H, W, C)
-    s["data_path"] = os.path.join(work, "random-32x32.npy")
-    np.save(s["data_path"], images)
-    torch.manual_seed(0)
-    net = fid.FIDInception()
-    s["inception_path"] = os.path.join(work, "random-inception.pth")
-    torch.save(net.state_dict(), s["inception_path"])
-    loaded = fid.load_inception(s["inception_path"])
-    problems = []
-    if fid.weights_fingerprint(loaded) != fid.weights_fingerprint(net):
-        problems.append("fid.load_inception read back other weights than were written")
-    shape = tuple(data.load_images(s["data_path"]).shape)
-    if shape != (n, 3, 32, 32):
-        problems.append(f"data.load_images gave shape {shape}, expected {(n, 3, 32, 32)}")
-    params = sum(p.numel() for p in net.parameters()) / 1e6
-    return problems, (f"{n} random 32x32 RGB images (.npy, NHWC) and random FID Inception weights ({params:.1f}M "
-                      f"parameters), read back by data.load_images and fid.load_inception"), {}
-
-
-def set_value(v) -> str:
-    """A Config value as retrain.py's --set FIELD=VALUE reads it (tuples as JSON lists)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (tuple, list)):
-        return json.dumps(list(v), separators=(",", ":"))
-    return str(v)
-
-
-def retrain_argv(model: str, s: dict, out: str) -> list[str]:
-    """retrain.py's command line of the checks: the paper preset, one iteration, short budgets, Inception metrics."""
-    sets = dict(s["overrides"].get(model, {}))
-    if s["tiny"]:
-        sets.update(amp=s["dtype"], batch=GC.tiny_batch, sample_batch=GC.tiny_sample_batch)
-    batch = importlib.import_module(model).make_config("paper", **sets).batch
-    sets.update(pretrain_kimg=GC.pretrain_steps * batch / 1000, kimg=GC.finetune_steps * batch / 1000)
-    n = str(s["images"])
-    return ["--model", model, "--preset", "paper", "--data", s["data_path"], "--n-real", n, "--n-eval", n,
-            "--iters", "1", "--metrics", "inception", "--inception", s["inception_path"], "--out", out, "--force",
-            "--no-progress", "--seed", "0", *[a for k, v in sets.items() for a in ("--set", f"{k}={set_value(v)}")]]
-
-
-def metrics_problems(path: str) -> tuple[list, list]:
-    """(problems, records) of a run's metrics.jsonl: iterations 0 and 1 with finite fid, precision, recall."""
-    if not os.path.isfile(path):
-        return [f"no {path}"], []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    problems, by_iter = [], {r.get("iter"): r for r in records}
-    for it in (0, 1):
-        r = by_iter.get(it)
-        if r is None:
-            problems.append(f"no iteration {it} in metrics.jsonl")
-            continue
-        bad = [k for k in ("fid", "precision", "recall")
-               if not isinstance(r.get(k), (int, float)) or not math.isfinite(r[k])]
-        if bad or r.get("features") != "inception":
-            problems.append(f"iteration {it}: {', '.join(f'{k} {r.get(k)!r}' for k in bad + ['features'])}")
-    return problems, records
-
-
-def metrics_detail(records: list) -> str:
-    return "; ".join(f"iteration {r['iter']}: fid {r['fid']:.4g}, precision {r['precision']:.3g}, "
-                     f"recall {r['recall']:.3g}, nfe {r.get('nfe')}" for r in records if "fid" in r)
-
-
-class Tee(io.TextIOBase):
-    """A stream that writes to several."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for f in self.streams:
-            f.write(text)
-        return len(text)
-
-    def flush(self):
-        for f in self.streams:
-            f.flush()
-
-
-def check_retrain(model: str, s: dict) -> tuple[list, str, dict]:
-    """retrain.main([...]) in this process: iteration 0 (pretraining) and 1 (lam = 1), FID, precision, recall."""
-    out = os.path.join(s["workdir"], f"retrain-{model}")
-    argv = retrain_argv(model, s, out) + ["--device", str(s["device"])]
-    print(f"retrain.main([{', '.join(map(repr, argv))}])", flush=True)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(Tee(sys.stderr, err)):
-        code = retrain.main(argv)
-    problems, records = metrics_problems(os.path.join(out, "metrics.jsonl"))
-    if code != 0:
-        lines = err.getvalue().strip().splitlines()
-        problems.insert(0, f"retrain.main returned {code}" + (f": {lines[-1]}" if lines else ""))
-    return problems, metrics_detail(records), {"argv": argv, "exit": code, "records": records}
-
-
-def torchrun_procs(s: dict, batch: int) -> int:
-    """Processes of the torchrun check: every GPU (hidden --torchrun-procs: N CPU processes), as many as divide
-    the batch (each rank trains on batch / N images)."""
-    n = s["torchrun_procs"] or (torch.cuda.device_count() if s["device"].type == "cuda" else 0)
-    while n > 1 and batch % n:
-        n -= 1
-    return n
-
-
-def check_torchrun(model: str, s: dict, procs: int) -> tuple[list, str, dict]:
-    """The same retrain.py run under `python -m torch.distributed.run --standalone --nproc_per_node=N`."""
-    out = os.path.join(s["workdir"], f"torchrun-{model}")
-    argv = retrain_argv(model, s, out) + (["--device", "cpu"] if s["device"].type == "cpu" else [])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           os.path.join(HERE, "retrain.py"), *argv]
-    print(shlex.join(cmd), flush=True)
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if s["device"].type == "cpu" else {})}
-    r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=GC.torchrun_timeout_s)
-    problems, records = metrics_problems(os.path.join(out, "metrics.jsonl"))
-    if r.returncode != 0:
-        lines = r.stderr.strip().splitlines()
-        problems.insert(0, f"exit status {r.returncode}" + (f": {lines[-1]}" if lines else ""))
-    tail = (r.stdout + r.stderr)[-4000:]
-    return problems, f"{procs} processes: {metrics_detail(records)}", {"cmd": cmd, "exit": r.returncode,
-                                                                      "records": records, "output_tail": tail}
-
-
-def gpu_check(s: dict) -> dict:
-    """All checks of --gpu-check, each printed as a PASS / FAIL / SKIP line when done: {"header", "checks",
-    "models", "memory", "notes", "passed"}."""
-    cuda = s["device"].type == "cuda"
-    header = {**header_of(s), "gpu_check": True, "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-              "cuda": torch.version.cuda, "tiny": s["tiny"]}
-    print(f"bench.py --gpu-check  {header['date']}  device: {header['device']} ({header['gpus']} GPUs)  "
-          f"torch {header['torch']} (CUDA {header['cuda']})", flush=True)
-    s.update(checks=[], gc_models=[], gc_memory=[])
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        s["workdir"] = work
-        for name in s["check_models"]:
-            if "models" in s["check_kinds"]:
-                run_check(s, f"{name} eager", lambda: check_model(name, s, False))
-            if "compile" in s["check_kinds"] and s["tiny"]:
-                skip_check(s, f"{name} compile", "--tiny (torch.compile takes minutes on a CPU)")
-            elif "compile" in s["check_kinds"]:
-                run_check(s, f"{name} compile", lambda: check_model(name, s, True))
-        if "memory" in s["check_kinds"]:
-            for name, preset in GC.memory_runs:
-                if name in s["check_models"]:
-                    run_check(s, f"memory {row_name(name, preset)}", lambda: check_memory(name, preset, s))
-        if {"retrain", "torchrun"} & set(s["check_kinds"]):
-            files = run_check(s, "files", lambda: write_files(s))
-            model = s["retrain_model"]
-            if "retrain" in s["check_kinds"]:
-                if files["status"] == "PASS":
-                    run_check(s, f"retrain {model}", lambda: check_retrain(model, s))
-                else:
-                    record_check(s, {"name": f"retrain {model}", "status": "FAIL", "detail": "no input files",
-                                     "seconds": 0.0})
-            if "torchrun" in s["check_kinds"]:
-                batch = GC.tiny_batch if s["tiny"] else importlib.import_module(model).make_config(
-                    "paper", **s["overrides"].get(model, {})).batch
-                procs = torchrun_procs(s, batch)
-                if procs < 2:
-                    gpus = header["gpus"] if cuda else 0
-                    skip_check(s, "torchrun", f"{gpus} GPU" + ("" if gpus == 1 else "s"))
-                elif files["status"] != "PASS":
-                    record_check(s, {"name": "torchrun", "status": "FAIL", "detail": "no input files", "seconds": 0.0})
-                else:
-                    run_check(s, "torchrun", lambda: check_torchrun(model, s, procs))
-    header["load_avg_end"] = load_avg()
-    header["gpu_check_s"] = round(time.perf_counter() - t_start, 1)
-    counts = {k: sum(c["status"] == k for c in s["checks"]) for k in ("PASS", "FAIL", "SKIP")}
-    res = {"header": header, "checks": s["checks"], "models": s["gc_models"], "memory": s["gc_memory"],
-           "counts": counts, "passed": counts["FAIL"] == 0}
-    res["notes"] = gpu_check_notes(s, res)
-    return res
-
-
 def mfu_note(s: dict) -> list[str]:
     """Why the MFU column is empty, if it is."""
     if s["device"].type != "cuda":
@@ -803,35 +453,6 @@ def mfu_note(s: dict) -> list[str]:
     if s["peak_tflops"] is None:
         return [f"MFU: n/a, '{s['device_name']}' is not in the bf16 peak table"]
     return []
-
-
-def gpu_check_notes(s: dict, res: dict) -> list[str]:
-    out = [f"model checks: {GC.train_calls} Model.train_step calls ({s['warmup']} warm-up) at the paper preset's "
-           f"batch, {GC.sample_calls} Model.generate calls (1 warm-up) with the preset's sampler; rates are medians "
-           "of the timed calls, compile rows include no compilation time",
-           "memory checks: 2 training steps at the preset's batch; peak memory: " + s["mem"].kind,
-           "retrain checks: retrain.py --preset paper --iters 1 on random images with random Inception weights: "
-           "FID / precision / recall check that the pipeline runs, their values mean nothing"]
-    out += mfu_note(s)
-    if s["tiny"]:
-        out.append("--tiny: the paper presets a few channels wide, the CUDA profile (bf16, channels_last, fused Adam) "
-                   "set by hand, tiny batches and samplers; a test of this code, not of a GPU")
-    return out
-
-
-def gpu_check_report(res: dict) -> str:
-    """The tables and the summary of --gpu-check (its PASS / FAIL lines were printed as they came)."""
-    lines = [""]
-    if res["models"]:
-        lines += [table("Models at the paper presets: Model.train_step and Model.generate", MODEL_TABLE,
-                        res["models"]), ""]
-    if res["memory"]:
-        lines += [table("Memory at the paper batches", MEMORY_TABLE, res["memory"]), ""]
-    lines += ["notes:"] + [f"  - {n}" for n in res["notes"]]
-    c, failed = res["counts"], [x["name"] for x in res["checks"] if x["status"] == "FAIL"]
-    lines += ["", f"gpu-check: {c['PASS']} PASS, {c['FAIL']} FAIL, {c['SKIP']} SKIP in "
-                  f"{duration(res['header']['gpu_check_s'])}" + (f"; failed: {', '.join(failed)}" if failed else "")]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -870,23 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true",
                    help="the CPU demo: the small presets at their own batches, and the projected minutes of "
                         "README's command (python retrain.py --model M --lam 1 --iters 20) and of reproduce.py digits")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smaller quick mode
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write the results as JSON (--gpu-check: default gpu_check.json here)")
-    g = p.add_argument_group("GPU acceptance check")
-    g.add_argument("--gpu-check", action="store_true",
-                   help="PASS / FAIL checks of the CUDA path at the paper presets (see the header); exit 1 on a FAIL")
-    g.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS,
-                   help="which checks (default: all): models = eager model checks, compile = the same compiled")
-    g.add_argument("--retrain-model", default=GC.retrain_model, choices=MODELS,
-                   help="the model of the retrain.py and torchrun checks")
-    g.add_argument("--images", type=int, default=None,
-                   help=f"random images of the retrain.py checks (default {GC.images}; --tiny {GC.tiny_images})")
-    g.add_argument("--torchrun-procs", type=int, default=None, help=argparse.SUPPRESS)  # N processes on any device
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     return p
-
-
-CHECKS = ("models", "compile", "memory", "retrain", "torchrun")
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -911,18 +517,19 @@ def parse_sets(items: list[str]) -> dict:
 
 def resolve(args) -> dict:
     """The settings of a run from the command line: device, sizes, repetitions."""
-    quick = args.quick or args.tiny
+    quick = args.quick
     name = args.device or ("cpu" if quick or not torch.cuda.is_available() else "cuda")
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    cores = retrain.cpu_cores()
+    cores = cpu_cores()
     # quick mode's 8x8 networks run many tiny operations: one thread is faster, and far faster on shared cores
     torch.set_num_threads(args.threads or (1 if quick else cores))
     cuda = device.type == "cuda"
-    if cuda:  # as retrain.py trains: TF32 matmuls and convolutions (fid.py turns TF32 off for its features), and
-        retrain.enable_tf32()  # cuDNN's autotuner (setup_device), whose search the warm-up calls absorb
-        torch.backends.cudnn.benchmark = True
+    if cuda:  # as retrain.py trains (fid.py turns TF32 off for its features)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True       # TF32 convolutions
+        torch.backends.cudnn.benchmark = True        # cuDNN's autotuner: the warm-up calls absorb its search
     models = list(MODELS) if "all" in args.model else [m for m in MODELS if m in args.model]
     preset = args.preset or ("small" if quick else "paper")
     runs = [(m, preset) for m in models]
@@ -932,7 +539,7 @@ def resolve(args) -> dict:
          "feat_precision": args.feat_precision, "compile": args.compile, "runs": runs,
          "fid": args.only != "raw" and (bool(models) or "fid" in args.model or "all" in args.model),
          "fid_raw": args.only != "models" and ("fid" in args.model or "all" in args.model), "only": args.only,
-         "overrides": parse_sets(args.set), "quick": quick, "tiny": args.tiny,
+         "overrides": parse_sets(args.set), "quick": quick,
          "batch": args.batch, "sample_n": args.sample_n, "feat_batch": args.feat_batch,
          "warmup": args.warmup if args.warmup is not None else (2 if cuda else 1),
          "iters": args.iters or (10 if cuda else 3),
@@ -943,33 +550,15 @@ def resolve(args) -> dict:
     if quick:  # small presets (8x8 networks), a few Inception images, short metric matrices
         s.update(iters=args.iters or 2, warmup=args.warmup if args.warmup is not None else 1,
                  feat_batch=args.feat_batch or 4, sample_n=args.sample_n or 16, fd_dim=1024)
-    if args.tiny:  # the test suite: still smaller
-        s.update(iters=1, warmup=1, batch=args.batch or 4, sample_n=args.sample_n or 2, feat_batch=args.feat_batch or 1,
-                 raw_train_batch=2, raw_eval_batch=2, metric_n=256, metric_dim=256, fd_dim=256)
     s["device_name"] = torch.cuda.get_device_name(device) if cuda else cpu_name()
     s["peak_tflops"] = bf16_peak_tflops(s["device_name"]) if cuda else None
     s["mem"] = PeakMemory(device)
     return s
 
 
-def resolve_gpu_check(args) -> dict:
-    """The settings of --gpu-check: the paper presets in bf16 at their batches on CUDA; with --tiny (the test
-    suite, and anyone without a GPU) the same code with tiny networks and the CUDA profile forced, on the CPU."""
-    s = resolve(args)
-    if s["device"].type != "cuda" and not args.tiny:
-        raise SystemExit(f"bench.py --gpu-check: device {s['device']} is not CUDA; it checks a GPU at the paper's "
-                         "sizes (--gpu-check --tiny --device cpu runs its code at tiny sizes on the CPU)")
-    overrides = parse_sets(args.set)
-    if args.tiny:  # the user's --set last
-        overrides = {m: {**TINY_NETS[m], **CUDA_PROFILE, **overrides.get(m, {})} for m in MODELS}
-    s.update(dtype="bf16", only="models", sample=True, sample_mode="full", compile=False, overrides=overrides,
-             warmup=1, iters=GC.train_calls - 1, sample_iters=GC.sample_calls - 1,
-             batch=args.batch or (GC.tiny_batch if args.tiny else None),
-             sample_n=args.sample_n or (GC.tiny_sample_n if args.tiny else None),
-             images=args.images or (GC.tiny_images if args.tiny else GC.images),
-             check_kinds=args.checks, retrain_model=args.retrain_model, torchrun_procs=args.torchrun_procs,
-             check_models=list(MODELS) if "all" in args.model else [m for m in MODELS if m in args.model])
-    return s
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_name() -> str:
@@ -1042,7 +631,7 @@ def notes(s: dict, res: dict) -> list[str]:
     if res["raw"]:
         out.append("bare networks: loss mean(out^2); bf16 = autocast; max/min = spread of the timed calls")
     out.append(f"peak memory: {s['mem'].kind}")
-    cores = retrain.cpu_cores()
+    cores = cpu_cores()
     load = res["header"]["load_avg_1_5_15"][0]
     if s["device"].type == "cpu" and load + s["threads"] > cores + 0.5:
         out.append(f"busy machine: load average {load:.2f} at the start, {s['threads']} threads on {cores} cores; "
@@ -1120,11 +709,6 @@ RAW_TABLE = [("network", "network", str), ("pass", "pass", str), ("batch", "batc
              ("spread", "max/min", fmt), ("img_s", "img/s", fmt), ("tflop_s", "TFLOP/s", fmt), ("mfu", "MFU", pct),
              ("peak_mib", "peak MiB", mib), ("ref_img_s", "reference img/s", fmt), ("vs_ref", "x reference", fmt)]
 
-MEMORY_TABLE = [("model", "model", str), ("params_M", "params M", fmt), ("resolution", "px", fmt),
-                ("train_batch", "batch", fmt), ("train_img_s", "train img/s", fmt), ("train_mfu", "train MFU", pct),
-                ("train_peak_mib", "train peak MiB", mib)]
-
-
 def report(res: dict) -> str:
     """The header line, the tables and the notes of a run, as text."""
     h = res["header"]
@@ -1191,7 +775,7 @@ def demo(args) -> dict:
     header = {"device": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_avg_1_5_15": [round(v, 2) for v in (os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))]}
-    cores = retrain.cpu_cores()
+    cores = cpu_cores()
     models = [m for m in MODELS if "all" in args.model or m in args.model]
     rows = [demo_row(m, t, args.iters or 5) for m in models for t in sorted({1, args.threads or cores})]
     # reproduce.py digits --jobs 2: per seed 3 pretrainings and 12 lambda runs, two at a time on one thread each
@@ -1220,10 +804,6 @@ def main(argv=None) -> dict:
     if args.demo:
         res = demo(args)
         print(demo_report(res), flush=True)
-    elif args.gpu_check:
-        res = gpu_check(resolve_gpu_check(args))
-        print(gpu_check_report(res), flush=True)
-        args.json = args.json or "gpu_check.json"
     else:
         res = run(resolve(args))
         print(report(res), flush=True)
@@ -1234,10 +814,6 @@ def main(argv=None) -> dict:
     return res
 
 
-def cli(argv=None) -> int:
-    """The exit status of a run: 1 when a --gpu-check check failed, else 0."""
-    return 0 if main(argv).get("passed", True) else 1
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    main()
+

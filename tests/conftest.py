@@ -40,3 +40,12 @@ def digits_cache(tmp_path, digits_classifier):
     cache.mkdir()
     shutil.copy(digits_classifier[1]["path"], cache)
     return cache
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test (item.rep_setup, rep_call, rep_teardown): the GPU check's JSON record
+    reads its outcome from there (tests/test_gpu_check.py)."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
