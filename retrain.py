@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -402,7 +403,7 @@ def retrain_lambda(s: Settings, lam: float, ckpt0: dict, model, evaluate, clock=
     every iteration checkpointed (ckpt.pt: --resume goes on after the last one). Returns the metrics' history."""
     folder, lab, regime, cfg = lam_folder(s, lam), lam_label(lam), s.regime, s.cfg
     n_synth, n_gen = s.n_synth[lam], max(s.n_gen[lam], regime.curate * s.n_synth[lam])  # curation: K per kept one
-    reward = regimes.reward_function(regime, s.real.dtype == torch.uint8, s.real.device, s.cache)
+    reward = regimes.reward_function(regime, s.is_image, s.real.device, s.cache)
     state = start_lambda(s, lam, n_gen, ckpt0, model, evaluate, reward)
     samples, history, pool = state["samples"], state["history"], state["pool"]
     lines = [json.dumps(r) + "\n" for r in history]  # metrics.jsonl, each record serialized once
@@ -465,7 +466,7 @@ def run(args) -> None:
     with on_every_rank():
         torch.manual_seed(args.seed)  # the network's initial weights: the same on every rank and in every run
         model = s.module.Model(s.cfg, device)
-        if s.real.dtype == torch.uint8:
+        if s.is_image:
             s.real = s.real.to(device)
     how = None
     if args.init and not ((args.resume or not args.force) and os.path.exists(os.path.join(s.out, "iter0.pt"))):
@@ -609,7 +610,9 @@ def run_seeds(args) -> None:
 
 def main(argv=None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser().parse_args(argv)
+        args.command = shlex.join(["python", "retrain.py", *argv])  # for config.json
         if args.seeds:
             run_seeds(args)
         else:

@@ -170,13 +170,17 @@ def resolve(args, world: int, device: torch.device) -> Settings:
     # whole set (as FID is measured against a whole training set; fresh real data is also drawn from it)
     reference = whole if whole is not None else (real, None)
     cfg = model_config(args, module, preset, real)
+    if getattr(cfg, "batch", world) % world:  # each process trains on batch / world images of every step
+        raise UserError(f"batch {cfg.batch} does not divide among {world} processes; use a multiple of {world} "
+                        "(--set batch=N) or another process count")
     regime = regimes.Regime(**{f: getattr(args, f) for f in regimes.FLAGS}).check(data_spec, real, lams, args.iters, whole)
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n = len(real)
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(data_spec.rstrip('/'))}")
-    config = {"model": args.model, "preset": preset, "data": data_spec, "n_real": n, "n_reference": len(reference[0]),
+    config = {"command": getattr(args, "command", None),  # as typed (retrain.main); the rest as resolved
+              "model": args.model, "preset": preset, "data": data_spec, "n_real": n, "n_reference": len(reference[0]),
               "n_eval": n_eval, "lams": [lam_label(lam) for lam in lams], "iters": args.iters, "kimg": kimg,
               **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics, "world_size": world,
               "device": device.type, "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -199,7 +203,7 @@ def check_folder(s: Settings) -> None:
         for key in new:
             if key in ("world_size", "device") and old.get(key) != new[key] and s.main:
                 print(f"retrain.py: --resume with {key} {new[key]} (the run began with {old.get(key)})")
-            elif key not in ("iters", "started", "versions", "world_size", "device") and old.get(key) != new[key]:
+            elif key not in ("command", "iters", "started", "versions", "world_size", "device") and old.get(key) != new[key]:
                 raise UserError(f"--resume: {key} differs from the run in '{s.out}' ({old.get(key)!r} there, {new[key]!r} "
                                 "now); use another --out, or --force to start over")
     elif (os.path.exists(s.out) and os.listdir(s.out) and not args.force

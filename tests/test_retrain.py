@@ -240,6 +240,24 @@ def test_meanmodel_resume_in_process_equals_uninterrupted(tmp_path, meanmodel):
 # Resume after kill -9
 
 
+def test_a_batch_that_does_not_divide_among_processes_is_refused():
+    """Under torchrun each process trains on batch / world images a step: 8 on 3 processes would train on 6."""
+    args = retrain.build_parser().parse_args(["--model", "edm", "--preset", "small", "--set", "batch=8"])
+    with pytest.raises(retrain.UserError, match="batch 8 does not divide among 3 processes"):
+        settings.resolve(args, 3, torch.device("cpu"))
+    assert settings.resolve(args, 4, torch.device("cpu")).cfg.batch == 8
+
+
+def test_config_records_the_command_line(tmp_path):
+    """config.json holds the command as typed; resuming with another command line (more iterations) is allowed."""
+    argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", "30", "--lam", "1", "--iters", "1",
+            "--out", str(tmp_path / "r"), "--no-progress"]
+    assert retrain.main(argv) == 0
+    assert json.load(open(tmp_path / "r" / "config.json"))["command"] == "python retrain.py " + " ".join(argv)
+    assert retrain.main([*argv, "--resume", "--iters", "2"]) == 0
+    assert len(metrics(tmp_path / "r" / "metrics.jsonl")) == 3
+
+
 def test_resume_after_kill_gives_identical_metrics(tmp_path):
     """A run killed (SIGKILL) midway, then resumed, ends with the records of a run never interrupted. The killed
     run is a process of its own; the resumed and the uninterrupted ones run here, on one thread as it did."""
