@@ -6,8 +6,9 @@ This file holds, top to bottom:
 
     Config, PRESETS      hyperparameters; "paper" = tqch's CIFAR-10 config, "small" = 8x8 digits on a CPU
     UNet                 Ho et al.'s U-Net with tqch/ddpm-torch's module names, so its checkpoints load strictly
-    diffusion            linear beta schedule, q(x_t | x_0), the L_simple loss (optionally min-SNR weighted)
+    training loss        linear beta schedule, q(x_t | x_0), ddpm_loss: L_simple (optionally min-SNR weighted)
     samplers             ancestral DDPM (fixed-large variance), DDIM (eta = 0), DPM-Solver++(2M); float64 time grid
+    device plumbing      speed profile, NHWC weights, torch.compile's eager fallback, Adam state: as in edm.py, otcfm.py
     Model                the interface retrain.py uses: train_step, generate, state dicts, load_pretrained, profile
     load_official        a released tqch/ddpm-torch checkpoint file -> UNet
 
@@ -81,7 +82,7 @@ class Config:
     #                    bf16 also selects PyTorch's fused attention kernel, fp32 the explicit float32 softmax
     channels_last: str = "auto"  # NHWC weights and activations: "auto" (on CUDA) | "true" | "false"
     fused_adam: str = "auto"  # one fused kernel for all of Adam: "auto" (on CUDA) | "true" | "false"
-    compile: bool = False  # torch.compile the network (falls back to eager with a warning)
+    compile: bool = False  # torch.compile the network (eager, with a warning, if compiling fails)
 
 
 PRESETS = {
@@ -316,7 +317,7 @@ def build_net(cfg: Config, fused_attn: bool = False) -> UNet:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Diffusion: schedule, forward process, loss
+# Training loss: the beta schedule, the forward process q(x_t | x_0), L_simple [Ho]
 
 
 def linear_betas(cfg: Config) -> torch.Tensor:
@@ -432,48 +433,22 @@ def dpm2m_sampler(eps_fn, x, alphas_bar, timesteps, gens):
 
 
 SAMPLERS = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "dpm2m": dpm2m_sampler}
+
+
 # ----------------------------------------------------------------------------------------------------
-# Model: the interface retrain.py uses
+# Device plumbing: the same helpers, word for word, in ddpm.py, edm.py and otcfm.py
 
 
-def _compiled(net: nn.Module, enabled: bool):
-    """torch.compile(net) when enabled, falling back to the eager net (with a warning) if compiling fails."""
-    if not enabled:
-        return net
-    state = {"fn": torch.compile(net)}
-
-    def call(*args):
-        try:
-            return state["fn"](*args)
-        except Exception as e:
-            if state["fn"] is net:
-                raise
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0]}); running eagerly")
-            state["fn"] = net
-            return net(*args)
-
-    return call
-
-
-def _resolve(value, auto: bool) -> bool:
-    """A channels_last / fused_adam setting ("auto" | "true" | "false", or a bool) -> on or off."""
-    return auto if value == "auto" else value in (True, "true")
-
-
-def _moments_like_params(opt: torch.optim.Optimizer) -> None:
-    """Give each optimizer state tensor shaped like its parameter the parameter's strides. A loaded state keeps
-    the layout it was saved in (NCHW from a CPU run or a released file), and CUDA's fused Adam refuses moments
-    laid out unlike their parameter (channels_last); the values are unchanged."""
-    for p, state in opt.state.items():
-        for key, v in state.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
+def _resolve(value, on_cuda: bool) -> bool:
+    """A channels_last / fused_adam setting ("auto" | "true" | "false", or a bool) -> on or off; "auto" is on
+    for CUDA only."""
+    return on_cuda if value == "auto" else value in (True, "true")
 
 
 def _to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
     """net.to(device), its 4-D weights NHWC in memory when channels_last (faster convolutions, the same values).
     Written out with .data because Module.to cannot swap FakeTensor parameters (tests/test_cuda_path.py builds
-    the paper model on fake CUDA tensors); called before Adam and the EMA copy exist, which take this layout."""
+    the paper model on fake CUDA tensors). Call it before building Adam: its moments take the weights' layout."""
     with torch.no_grad():
         for p in [*net.parameters(), *net.buffers()]:
             layout = torch.channels_last if channels_last and p.dim() == 4 else torch.preserve_format
@@ -481,40 +456,91 @@ def _to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.
     return net
 
 
+def _compiled(net: nn.Module, enabled: bool):
+    """net itself, or when enabled _Compiled(net): torch.compile(net) falling back to net."""
+    return _Compiled(net) if enabled else net
+
+
+class _Compiled:
+    """torch.compile(net), called as net is. If compiling fails: one warning, and net runs eagerly from then on.
+    Compiling failed when the call raises a torch._dynamo.exc.TorchDynamoException, the base of TorchDynamo's
+    own errors (Unsupported, TorchRuntimeError, ...) and of BackendCompilerFailed, which wraps the backend's
+    failure (inductor's InductorError: no working C++ compiler, no Triton, a kernel that does not build). An
+    error of the compiled code as it runs, such as torch.OutOfMemoryError, is none of these: it propagates."""
+
+    def __init__(self, net: nn.Module):
+        self.net, self.fn = net, torch.compile(net)
+
+    def __call__(self, *args):
+        if self.fn is not self.net:
+            try:
+                return self.fn(*args)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                first_line = (str(e).splitlines() or [""])[0]
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); running eagerly")
+                self.fn = self.net
+        return self.net(*args)
+
+    def __getattr__(self, name):  # the net's attributes, as torch.compile's wrapper gives them (edm: sigma_min)
+        return getattr(self.net, name)
+
+
+def _load_adam_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Adam's per-parameter state (moments, step) from a saved optimizer state dict, under opt's own lr, betas,
+    eps and kernel choice (torch's load_state_dict would take the file's, e.g. fused=False from a CPU run). Each
+    moment then takes its parameter's strides: a file saved from NCHW weights (a CPU run, a released checkpoint)
+    holds NCHW moments, which CUDA's fused Adam refuses next to channels_last weights; the values are unchanged."""
+    mine = opt.state_dict()["param_groups"]
+    groups = [{**g, "params": s["params"]} for g, s in zip(mine, saved["param_groups"])]  # the file's numbering
+    opt.load_state_dict({"state": saved["state"], "param_groups": groups})
+    for p, state in opt.state.items():
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the interface retrain.py uses
+
+
 class Model:
     """DDPM training and sampling: the network, its EMA, Adam, and the step counter."""
 
     def __init__(self, cfg: Config, device):
         self.cfg, self.device = cfg, torch.device(device)
-        # the speed profile, resolved once: "auto" means on for CUDA, off elsewhere (the only device test)
+        # the speed profile, resolved once against the device ("auto": on for CUDA, off elsewhere)
         on_cuda = self.device.type == "cuda"
-        self.bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda)
+        self.amp = "bf16" if cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda) else "fp32"
         self.channels_last = _resolve(cfg.channels_last, on_cuda)
         self.fused_adam = _resolve(cfg.fused_adam, on_cuda)
-        self.net = _to_device(build_net(cfg, fused_attn=self.bf16), self.device, self.channels_last)  # before Adam
+        net = build_net(cfg, fused_attn=self.amp == "bf16")  # PyTorch's fused attention kernel in bf16
+        self.net = _to_device(net, self.device, self.channels_last)  # before Adam
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                     fused=self.fused_adam)
         self.step, self.nfe = 0, 0
         self.betas = linear_betas(cfg)  # float64 (T,), on the CPU: samplers read python floats from it
-        self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)  # abar_t = prod_{s <= t} (1 - beta_s) [Ho Eq. 4]
+        self.alphas_bar = torch.cumprod(1 - self.betas, dim=0)  # abar_t = prod_{s <= t} (1 - beta_s) [Ho Sec. 2]
         self._alphas_bar_dev = self.alphas_bar.to(self.device)
         train_net = self.net
         if torch.distributed.is_initialized():  # device_ids=None: the module's own device, CPU or one GPU
             train_net = torch.nn.parallel.DistributedDataParallel(self.net)
+        # the network calls of training and of sampling (by sample_ema), through torch.compile when cfg.compile
         self._train_fwd = _compiled(train_net, cfg.compile)
-        self._sample_fwd = {id(n): _compiled(n, cfg.compile) for n in (self.net, self.ema)}
+        self._sample_fwd = {False: _compiled(self.net, cfg.compile), True: _compiled(self.ema, cfg.compile)}
 
     @property
     def profile(self) -> dict:
-        """The resolved speed settings, e.g. for retrain.py to print at start."""
-        return {"amp": "bf16" if self.bf16 else "fp32", "channels_last": self.channels_last,
-                "fused_adam": self.fused_adam, "compile": bool(self.cfg.compile)}
+        """The resolved speed settings (retrain.py prints them at start)."""
+        return {"amp": self.amp, "channels_last": self.channels_last, "fused_adam": self.fused_adam,
+                "compile": bool(self.cfg.compile)}
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 autocast of the network when amp is bf16."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
 
-    def _input(self, x):  # the network's 4-D input, NHWC when channels_last is on
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) as the network takes it: NHWC in memory when channels_last (the same values)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -555,9 +581,8 @@ class Model:
         """Samples (N, C, H, W) in [-1, 1]; image i depends only on seeds[i] (its own generator). A temperature
         scales the initial noise x_T (the ancestral sampler's later noise is not scaled)."""
         cfg = self.cfg
-        net = self.ema if cfg.sample_ema else self.net
-        net.eval()
-        fwd = self._sample_fwd[id(net)]
+        (self.ema if cfg.sample_ema else self.net).eval()
+        fwd = self._sample_fwd[cfg.sample_ema]
         gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds.tolist()]
         shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
         x = torch.stack([torch.randn(shape, generator=g, device=self.device) for g in gens])  # x_T (N, C, H, W)
@@ -581,9 +606,7 @@ class Model:
     def load_state_dict(self, d: dict) -> None:
         self.net.load_state_dict(d["net"])
         self.ema.load_state_dict(d["ema"])
-        groups = self.opt.state_dict()["param_groups"]  # Adam's options (fused, ...) stay this profile's
-        self.opt.load_state_dict({"state": d["opt"]["state"], "param_groups": groups})
-        _moments_like_params(self.opt)  # a run saved with another layout (e.g. begun on the CPU)
+        _load_adam_state(self.opt, d["opt"])  # a run saved in another profile (e.g. begun on the CPU) too
         self.step = int(d["step"])
 
     def load_pretrained(self, path: str) -> None:
@@ -601,15 +624,13 @@ class Model:
             fits = len(adam["param_groups"]) == 1 and len(adam["param_groups"][0]["params"]) == len(params) and all(
                 tuple(s["exp_avg"].shape) == tuple(params[i].shape) for i, s in adam["state"].items())
             if fits:  # the moments only; learning rate and options stay this Config's
-                groups = self.opt.state_dict()["param_groups"]
-                self.opt.load_state_dict({"state": adam["state"], "param_groups": groups})
-                _moments_like_params(self.opt)  # the file's moments are NCHW
+                _load_adam_state(self.opt, adam)
             else:
                 warnings.warn(f"'{path}': its optimizer state does not fit this network; Adam starts afresh")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Official checkpoints (tqch/ddpm-torch): {"model", "optimizer", "ema": {"decay", "shadow", "num_updates"},
+# Official checkpoints: tqch/ddpm-torch's {"model", "optimizer", "ema": {"decay", "shadow", "num_updates"},
 # "scheduler", "epoch", ...}; "model" keys carry "module." when trained with DDP, "shadow" keys never do.
 
 

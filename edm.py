@@ -9,7 +9,8 @@ What is here, top to bottom:
   - The VP and EDM preconditioners of Table 1 (D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)), the EDM and VP
     training losses, the Heun sampler (Algorithms 1 and 2) in float64 with one random generator per image, and
     DPM-Solver++(2M) on the same noise levels at one network call per level.
-  - Model: the training / sampling object that retrain.py drives.
+  - Device plumbing (speed profile, NHWC weights, torch.compile's eager fallback, Adam state), word for word as
+    in ddpm.py and otcfm.py; Model: the training / sampling object that retrain.py drives.
   - load_official: NVIDIA's released .pkl networks read with a restricted unpickler that runs no code from the
     file; the preconditioning is taken from the class name stored in the file, never from the file name.
 
@@ -96,7 +97,7 @@ class Config:
     #                                       "bf16" | "fp32"; the preconditioning and the sampler stay float32/64
     channels_last: str = "auto"           # NHWC weights and activations: "auto" (on CUDA) | "true" | "false"
     fused_adam: str = "auto"              # one fused kernel for all of Adam: "auto" (on CUDA) | "true" | "false"
-    compile: bool = False                 # torch.compile the network (falls back to eager with a warning)
+    compile: bool = False                 # torch.compile the network (eager, with a warning, if compiling fails)
 
 
 PRESETS = {
@@ -172,8 +173,8 @@ def make_config(preset: str = "paper", **overrides) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------
-# DDPM++ U-Net (Song et al. 2021, as configured by EDM). Class and attribute names follow NVIDIA's release so that
-# state-dict keys match: model.map_layer0.weight, model.enc.32x32_block0.conv0.weight, ...
+# Network: the DDPM++ U-Net (Song et al. 2021, as configured by EDM). Class and attribute names follow NVIDIA's
+# release so that state-dict keys match: model.map_layer0.weight, model.enc.32x32_block0.conv0.weight, ...
 
 
 class Linear(nn.Module):
@@ -447,7 +448,7 @@ def build_denoiser(cfg: Config) -> Precond:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training losses: lambda(sigma) * ||D(y + n; sigma) - y||^2, n ~ N(0, sigma^2 I) (Eq. 2 and Table 1)
+# Training loss: lambda(sigma) * ||D(y + n; sigma) - y||^2, n ~ N(0, sigma^2 I) (Eq. 2 and Table 1)
 
 
 def edm_loss(D, y, cfg):
@@ -471,7 +472,7 @@ LOSSES = {"edm": edm_loss, "vp": vp_loss}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling
+# Samplers: Eq. 5's noise levels, Heun (Algorithms 1 and 2), DPM-Solver++(2M); each returns (x, NFE), float64
 
 
 def time_steps(num_steps, sigma_min, sigma_max, rho):
@@ -562,26 +563,71 @@ SAMPLERS = {"heun": heun_sampler, "dpm2m": dpm2m_sampler}  # each (D, latents, c
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model object retrain.py drives
+# Device plumbing: the same helpers, word for word, in ddpm.py, edm.py and otcfm.py
+
+
+def _resolve(value, on_cuda: bool) -> bool:
+    """A channels_last / fused_adam setting ("auto" | "true" | "false", or a bool) -> on or off; "auto" is on
+    for CUDA only."""
+    return on_cuda if value == "auto" else value in (True, "true")
+
+
+def _to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """net.to(device), its 4-D weights NHWC in memory when channels_last (faster convolutions, the same values).
+    Written out with .data because Module.to cannot swap FakeTensor parameters (tests/test_cuda_path.py builds
+    the paper model on fake CUDA tensors). Call it before building Adam: its moments take the weights' layout."""
+    with torch.no_grad():
+        for p in [*net.parameters(), *net.buffers()]:
+            layout = torch.channels_last if channels_last and p.dim() == 4 else torch.preserve_format
+            p.data = p.data.to(device, memory_format=layout)
+    return net
+
+
+def _compiled(net: nn.Module, enabled: bool):
+    """net itself, or when enabled _Compiled(net): torch.compile(net) falling back to net."""
+    return _Compiled(net) if enabled else net
 
 
 class _Compiled:
-    """torch.compile(module), falling back to the eager module with one warning if compilation fails."""
+    """torch.compile(net), called as net is. If compiling fails: one warning, and net runs eagerly from then on.
+    Compiling failed when the call raises a torch._dynamo.exc.TorchDynamoException, the base of TorchDynamo's
+    own errors (Unsupported, TorchRuntimeError, ...) and of BackendCompilerFailed, which wraps the backend's
+    failure (inductor's InductorError: no working C++ compiler, no Triton, a kernel that does not build). An
+    error of the compiled code as it runs, such as torch.OutOfMemoryError, is none of these: it propagates."""
 
-    def __init__(self, module):
-        self.module, self.compiled = module, torch.compile(module)
+    def __init__(self, net: nn.Module):
+        self.net, self.fn = net, torch.compile(net)
 
-    def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
+    def __call__(self, *args):
+        if self.fn is not self.net:
             try:
-                return self.compiled(*args, **kwargs)
-            except Exception as e:  # no compiler toolchain, unsupported op, ...
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly")
-                self.compiled = None
-        return self.module(*args, **kwargs)
+                return self.fn(*args)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                first_line = (str(e).splitlines() or [""])[0]
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); running eagerly")
+                self.fn = self.net
+        return self.net(*args)
 
-    def __getattr__(self, name):  # sigma_min, sigma_max, ...
-        return getattr(self.module, name)
+    def __getattr__(self, name):  # the net's attributes, as torch.compile's wrapper gives them (edm: sigma_min)
+        return getattr(self.net, name)
+
+
+def _load_adam_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Adam's per-parameter state (moments, step) from a saved optimizer state dict, under opt's own lr, betas,
+    eps and kernel choice (torch's load_state_dict would take the file's, e.g. fused=False from a CPU run). Each
+    moment then takes its parameter's strides: a file saved from NCHW weights (a CPU run, a released checkpoint)
+    holds NCHW moments, which CUDA's fused Adam refuses next to channels_last weights; the values are unchanged."""
+    mine = opt.state_dict()["param_groups"]
+    groups = [{**g, "params": s["params"]} for g, s in zip(mine, saved["param_groups"])]  # the file's numbering
+    opt.load_state_dict({"state": saved["state"], "param_groups": groups})
+    for p, state in opt.state.items():
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: the interface retrain.py uses
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor:
@@ -590,22 +636,16 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor:
     return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).view(-1)
 
 
-def _resolve(value, on_cuda: bool) -> bool:
-    """A profile switch of the Config ("auto" | "true" | "false", or a bool) against the device."""
-    return on_cuda if value == "auto" else value in (True, "true")
-
-
 class Model:
     """EDM denoiser, its EMA and Adam; train_step / generate / state_dict as retrain.py expects."""
 
     def __init__(self, cfg: Config, device="cpu"):
         self.cfg, self.device = cfg, torch.device(device)
-        # the speed profile, resolved once; nothing else in this file looks at the device type
+        # the speed profile, resolved once against the device ("auto": on for CUDA, off elsewhere)
         on_cuda = self.device.type == "cuda"
-        self.amp = {"auto": "bf16" if on_cuda else "fp32"}.get(cfg.amp, cfg.amp)  # "bf16" | "fp32"
+        self.amp = "bf16" if cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda) else "fp32"
         self.channels_last = _resolve(cfg.channels_last, on_cuda)
         self.fused_adam = _resolve(cfg.fused_adam, on_cuda)
-        self.compile = bool(cfg.compile)
         self.step = 0  # optimizer steps taken, carried over
         self.nimg = 0  # training images seen, carried over: drives the lr ramp-up and the EMA ramp-up
         self.nfe = 0  # network evaluations per image of the last generate()
@@ -615,15 +655,18 @@ class Model:
     def profile(self) -> dict:
         """The resolved speed settings (retrain.py prints them at start)."""
         return {"amp": self.amp, "channels_last": self.channels_last, "fused_adam": self.fused_adam,
-                "compile": self.compile}
+                "compile": bool(self.cfg.compile)}
 
     def _build(self):
+        """The denoiser, its EMA, Adam and the network calls for cfg.precond (built again when that changes)."""
         cfg = self.cfg
-        self.net = net = self._place(build_denoiser(cfg))  # raw weights, trained
+        self.net = net = _to_device(build_denoiser(cfg), self.device, self.channels_last)  # raw weights, trained
         # the EMA: a second denoiser holding a copy of the weights (copy.deepcopy would move FakeTensor parameters
         # into a fake mode of their own, see tests/test_cuda_path.py); its own random init leaves the RNG as it was
         with torch.random.fork_rng(devices=[]):
-            self.ema = self._place(build_denoiser(cfg))
+            self.ema = _to_device(build_denoiser(cfg), self.device, self.channels_last)
+        for D in (net, self.ema):  # the rest of the profile lives in the denoiser: bf16 autocast, NHWC input
+            D.use_bf16, D.channels_last = self.amp == "bf16", self.channels_last
         self.ema.load_state_dict(net.state_dict())
         self.ema.eval().requires_grad_(False)
         self.opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
@@ -633,20 +676,9 @@ class Model:
         train_net = net
         if dist.is_available() and dist.is_initialized():  # inputs are already on the module's device
             train_net = nn.parallel.DistributedDataParallel(net)
-        self._train_net = _Compiled(train_net) if self.compile else train_net
-        self._sample_net = {True: _Compiled(self.ema) if self.compile else self.ema,
-                            False: _Compiled(net) if self.compile else net}
-
-    def _place(self, net: Precond) -> Precond:
-        """net on the device, with the resolved profile: NHWC 4-D weights when channels_last (before Adam, whose
-        moments take the weights' layout), bf16 autocast. Written with .data, since Module.to cannot swap
-        FakeTensor parameters."""
-        with torch.no_grad():
-            for t in [*net.parameters(), *net.buffers()]:
-                layout = torch.channels_last if self.channels_last and t.dim() == 4 else torch.preserve_format
-                t.data = t.data.to(self.device, memory_format=layout)
-        net.use_bf16, net.channels_last = self.amp == "bf16", self.channels_last
-        return net
+        # the network calls of training and of sampling (by sample_ema), through torch.compile when cfg.compile
+        self._train_fwd = _compiled(train_net, cfg.compile)
+        self._sample_fwd = {False: _compiled(net, cfg.compile), True: _compiled(self.ema, cfg.compile)}
 
     def lr(self) -> float:
         """Learning rate of the next step: linear ramp-up over lr_rampup_kimg images seen, then constant."""
@@ -668,7 +700,7 @@ class Model:
             # zero augment labels: the same output as none (map_augment has no bias), but map_augment joins the
             # graph, so every parameter gets a gradient at every step, as DistributedDataParallel requires
             labels = torch.zeros(x.shape[0], self.cfg.augment_dim, device=self.device)  # (B, augment_dim)
-        loss = LOSSES[self.cfg.precond](lambda x_noisy, sigma: self._train_net(x_noisy, sigma, labels), x, self.cfg)
+        loss = LOSSES[self.cfg.precond](lambda x_noisy, sigma: self._train_fwd(x_noisy, sigma, labels), x, self.cfg)
         return loss.sum() / x.shape[0]  # loss: (B, C, H, W) float32
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -710,7 +742,7 @@ class Model:
         temperature scales the initial noise (the latents; S_churn's later noise is not scaled)."""
         cfg = self.cfg
         (self.ema if cfg.sample_ema else self.net).eval()
-        D = self._sample_net[cfg.sample_ema]
+        D = self._sample_fwd[cfg.sample_ema]
         with torch.inference_mode():
             gens = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds.tolist()]
             latents = torch.stack([torch.randn(cfg.img_channels, cfg.img_resolution, cfg.img_resolution,
@@ -730,21 +762,8 @@ class Model:
             self._build()
         self.net.load_state_dict(d["net"])
         self.ema.load_state_dict(d["ema"])
-        self._load_adam_state(d["opt"])
+        _load_adam_state(self.opt, d["opt"])
         self.step, self.nimg = int(d["step"]), int(d["nimg"])
-
-    def _load_adam_state(self, saved: dict) -> None:
-        """Adam's per-parameter state (moments, step) from a checkpoint, which may come from another device.
-        Hyperparameters and kernel choice (lr, betas, eps, fused) stay this Config's: torch's load_state_dict
-        would take the file's, e.g. fused=False from a CPU run. Every moment takes its parameter's strides: a
-        checkpoint of an NCHW run holds NCHW moments, which CUDA's fused Adam refuses for NHWC weights."""
-        mine = self.opt.state_dict()["param_groups"]
-        groups = [{**g, "params": s["params"]} for g, s in zip(mine, saved["param_groups"])]
-        self.opt.load_state_dict({"state": saved["state"], "param_groups": groups})
-        for p, state in self.opt.state.items():
-            for k, v in list(state.items()):
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    state[k] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
 
     def load_pretrained(self, path: str) -> None:
         """NVIDIA's released .pkl -> weights into net and EMA; images seen set past the ramp-ups."""
@@ -770,7 +789,7 @@ class Model:
 
 
 # ----------------------------------------------------------------------------------------------------
-# NVIDIA's released .pkl files, read without running code from them
+# Official checkpoints: NVIDIA's released .pkl files, read without running code from them
 #
 # A snapshot is a plain pickle of dict(ema=..., loss_fn=..., augment_pipe=..., dataset_kwargs=...). Every object of
 # a "persistent class" pickles as torch_utils.persistence._reconstruct_persistent_obj(meta), where meta holds the
@@ -940,6 +959,7 @@ def load_official(path) -> Precond:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Command line: what released .pkl files hold (runs no code from them)
 
 if __name__ == "__main__":
     for pkl in sys.argv[1:]:

@@ -8,18 +8,21 @@ released 400k-step CIFAR-10 checkpoint of the torchcfm library and sampled it wi
 The idea in three lines:
   - draw a batch of noise x0 ~ N(0, I) and a batch of data x1, and pair them by the exact optimal transport
     plan of the batch under squared Euclidean cost (minibatch OT: Tong et al.'s OT-CFM);
-  - along the straight path x_t = t x1 + (1 - t) x0 the velocity is u_t = x1 - x0; regress a network
-    v(t, x) on it with the mean squared error (the conditional flow matching objective);
+  - regress a network v(t, x) on the constant velocity of the straight path from x0 to x1, with the mean
+    squared error (the conditional flow matching objective);
   - sample by integrating dx/dt = v(t, x) from noise at t = 0 to data at t = 1.
 
 This file holds:
   - Config / PRESETS / make_config: "paper" (torchcfm's train_cifar10.py) and "small" (8x8 digits on a CPU);
   - UNet: torchcfm's U-Net (a port of guided-diffusion's), with its module names, so torchcfm's state dicts
     load strictly; called as net(t, x) with t in [0, 1];
-  - ot_pairing and conditional_path: minibatch OT as an assignment problem, and the straight path;
+  - ot_pairing, conditional_path and cfm_loss: minibatch OT as an assignment problem, the straight path,
+    the loss, each beside its equation;
   - the samplers euler, midpoint, heun (fixed step) and dopri5 (adaptive, torchdiffeq);
-  - load_official: torchcfm's checkpoint file -> UNet; Model: training (under torchrun, the OT plan of the
-    global batch: ot_pairs), EMA, sampling, checkpoints, and the CUDA profile it resolved (Model.profile).
+  - device plumbing (speed profile, NHWC weights, torch.compile's eager fallback, Adam state), word for word
+    as in ddpm.py and edm.py; Model: training (under torchrun, the OT plan of the global batch: ot_pairs),
+    EMA, sampling, checkpoints, and the CUDA profile it resolved (Model.profile);
+  - load_official: torchcfm's checkpoint file -> UNet.
 
 Run:
     python retrain.py --model otcfm --preset small --lam 1 --iters 20                 # digits, CPU
@@ -38,6 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchdiffeq
 from scipy.optimize import linear_sum_assignment
+
+# Sources quoted below: [Tong] Tong et al., TMLR 2024 (above), equations numbered as the authors' torchcfm cites
+# them; [Lipman] Lipman, Chen, Ben-Hamu, Nickel, Le, "Flow Matching for Generative Modeling", ICLR 2023.
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -90,7 +96,7 @@ class Config:
                                       # error estimate (measured: 110 evaluations per image against 20 in float32)
     channels_last: str = "auto"       # NHWC weights and activations: "auto" (on CUDA) | "true" | "false"
     fused_adam: str = "auto"          # one fused kernel for all of Adam: "auto" (on CUDA) | "true" | "false"
-    compile: bool = False             # torch.compile the network (falls back to eager with a warning)
+    compile: bool = False             # torch.compile the network (eager, with a warning, if compiling fails)
 
 
 PRESETS = {
@@ -161,7 +167,7 @@ OFFICIAL_URLS = {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# The network: torchcfm's U-Net. Module names follow torchcfm (time_embed, input_blocks, middle_block,
+# Network: torchcfm's U-Net. Module names follow torchcfm (time_embed, input_blocks, middle_block,
 # output_blocks, out; in_layers / emb_layers / out_layers / skip_connection; norm / qkv / proj_out; op; conv)
 # so that its state dicts load strictly. Registration order follows it too, so the same torch seed gives
 # the same initial weights.
@@ -320,11 +326,12 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Flow matching: minibatch OT pairing, the straight path, its velocity
+# Training loss: minibatch OT pairing, the straight path and its velocity, L_CFM
 
 
 def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """perm minimising sum_i |x0[i] - x1[perm[i]]|^2: the exact OT plan of two equal uniform batches.
+    """perm minimising sum_i |x0[i] - x1[perm[i]]|^2: the exact OT plan pi of two equal uniform batches, the
+    coupling q(z) = pi(x0, x1) of OT-CFM [Tong Eq. 17].
 
     With weights 1/B on both sides the transport polytope is the Birkhoff polytope, whose vertices are the
     permutation matrices / B, so the linear program has a permutation among its optimal solutions: it is an
@@ -372,12 +379,21 @@ def ot_pairs(x0: torch.Tensor, x1: torch.Tensor, resample: bool):
 
 
 def conditional_path(x0, x1, t, sigma: float = 0.0, eps=None):
-    """x_t = t x1 + (1 - t) x0 + sigma eps and its velocity u_t = x1 - x0 (Tong et al., I-CFM / OT-CFM path)."""
+    """x_t = t x1 + (1 - t) x0 + sigma eps, a draw of p_t(x | z) = N(x | t x1 + (1 - t) x0, sigma^2) [Tong Eq. 14],
+    and its velocity u_t(x | z) = x1 - x0 [Tong Eq. 15]; z = (x0, x1), t (B,), eps ~ N(0, I) like x1."""
     tb = t.reshape(-1, *[1] * (x1.dim() - 1))  # (B, 1, 1, 1)
     xt = tb * x1 + (1 - tb) * x0
     if sigma > 0:
         xt = xt + sigma * eps
     return xt, x1 - x0
+
+
+def cfm_loss(net, x0, x1, t, sigma: float = 0.0, eps=None) -> torch.Tensor:
+    """L_CFM = mean ||v(t, x_t) - u_t||^2 over pixels and batch, in float32: the conditional flow matching loss
+    [Lipman Eq. 9] with the condition z = (x0, x1) of Tong et al. (OT-CFM when the pairs come from the OT plan,
+    I-CFM when they are independent). net(t, x) is the velocity network v."""
+    xt, ut = conditional_path(x0, x1, t, sigma, eps)  # (B, C, H, W) each
+    return (net(t, xt).float() - ut).square().mean()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,64 +445,71 @@ def dopri5(f, x, cfg):
 SAMPLERS = {"dopri5": dopri5, "euler": euler, "midpoint": midpoint, "heun": heun}
 
 # ----------------------------------------------------------------------------------------------------
-# torchcfm's checkpoint: torch.save({"net_model", "ema_model", "sched", "optim", "step"}) by train_cifar10.py
+# Device plumbing: the same helpers, word for word, in ddpm.py, edm.py and otcfm.py
 
 
-def read_official(path) -> dict:
-    """torchcfm's checkpoint file as a dict, with any DataParallel "module." prefix removed from the weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not ({"net_model", "ema_model"} & ckpt.keys()):
-        raise ValueError("not a torchcfm checkpoint (no 'net_model' / 'ema_model' entry)")
-    for key in ("net_model", "ema_model"):
-        if key in ckpt:
-            ckpt[key] = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
-    return ckpt
+def _resolve(value, on_cuda: bool) -> bool:
+    """A channels_last / fused_adam setting ("auto" | "true" | "false", or a bool) -> on or off; "auto" is on
+    for CUDA only."""
+    return on_cuda if value == "auto" else value in (True, "true")
 
 
-def load_official(path, cfg: Config | None = None, ema: bool = True) -> UNet:
-    """The network of a torchcfm checkpoint (EMA weights by default), in eval mode, called as net(t, x).
+def _to_device(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """net.to(device), its 4-D weights NHWC in memory when channels_last (faster convolutions, the same values).
+    Written out with .data because Module.to cannot swap FakeTensor parameters (tests/test_cuda_path.py builds
+    the paper model on fake CUDA tensors). Call it before building Adam: its moments take the weights' layout."""
+    with torch.no_grad():
+        for p in [*net.parameters(), *net.buffers()]:
+            layout = torch.channels_last if channels_last and p.dim() == 4 else torch.preserve_format
+            p.data = p.data.to(device, memory_format=layout)
+    return net
 
-    cfg defaults to the paper preset (torchcfm's CIFAR-10 U-Net); the weights load strictly."""
-    ckpt = read_official(path)
-    net = UNet(cfg or make_config("paper"))
-    net.load_state_dict(ckpt["ema_model" if ema and "ema_model" in ckpt else "net_model"])
-    return net.eval()
+
+def _compiled(net: nn.Module, enabled: bool):
+    """net itself, or when enabled _Compiled(net): torch.compile(net) falling back to net."""
+    return _Compiled(net) if enabled else net
+
+
+class _Compiled:
+    """torch.compile(net), called as net is. If compiling fails: one warning, and net runs eagerly from then on.
+    Compiling failed when the call raises a torch._dynamo.exc.TorchDynamoException, the base of TorchDynamo's
+    own errors (Unsupported, TorchRuntimeError, ...) and of BackendCompilerFailed, which wraps the backend's
+    failure (inductor's InductorError: no working C++ compiler, no Triton, a kernel that does not build). An
+    error of the compiled code as it runs, such as torch.OutOfMemoryError, is none of these: it propagates."""
+
+    def __init__(self, net: nn.Module):
+        self.net, self.fn = net, torch.compile(net)
+
+    def __call__(self, *args):
+        if self.fn is not self.net:
+            try:
+                return self.fn(*args)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                first_line = (str(e).splitlines() or [""])[0]
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {first_line}); running eagerly")
+                self.fn = self.net
+        return self.net(*args)
+
+    def __getattr__(self, name):  # the net's attributes, as torch.compile's wrapper gives them (edm: sigma_min)
+        return getattr(self.net, name)
+
+
+def _load_adam_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Adam's per-parameter state (moments, step) from a saved optimizer state dict, under opt's own lr, betas,
+    eps and kernel choice (torch's load_state_dict would take the file's, e.g. fused=False from a CPU run). Each
+    moment then takes its parameter's strides: a file saved from NCHW weights (a CPU run, a released checkpoint)
+    holds NCHW moments, which CUDA's fused Adam refuses next to channels_last weights; the values are unchanged."""
+    mine = opt.state_dict()["param_groups"]
+    groups = [{**g, "params": s["params"]} for g, s in zip(mine, saved["param_groups"])]  # the file's numbering
+    opt.load_state_dict({"state": saved["state"], "param_groups": groups})
+    for p, state in opt.state.items():
+        for key, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[key] = torch.empty_like(p).copy_(v)  # empty_like keeps p's layout
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model that retrain.py drives
-
-
-def _compiled(module: nn.Module, enabled: bool):
-    """torch.compile(module) when enabled, falling back to the eager module if compiling fails."""
-    if not enabled:
-        return module
-    compiled = torch.compile(module)
-
-    def run(*args):
-        nonlocal compiled
-        if compiled is not module:
-            try:
-                return compiled(*args)
-            except Exception as e:  # no compiler toolchain, unsupported op, ...
-                warnings.warn(f"torch.compile failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                              "running eagerly")
-                compiled = module
-        return module(*args)
-
-    return run
-
-
-def _moved(net: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    """net with its tensors on device, the 4-D ones (convolution weights) NHWC in memory when channels_last
-    (faster convolutions on CUDA, the same values). This is net.to(device, memory_format=torch.channels_last)
-    written out: like Module.to it sets each tensor's .data, but Module.to refuses the FakeTensor parameters
-    of the CUDA-path tests (tests/test_cuda_path.py builds the paper model on fake CUDA tensors)."""
-    with torch.no_grad():
-        for p in [*net.parameters(), *net.buffers()]:
-            nhwc = channels_last and p.dim() == 4
-            p.data = p.data.to(device, memory_format=torch.channels_last if nhwc else torch.preserve_format)
-    return net
+# Model: the interface retrain.py uses
 
 
 class Model:
@@ -494,11 +517,12 @@ class Model:
 
     def __init__(self, cfg: Config, device):
         self.cfg, self.device = cfg, torch.device(device)
-        on_cuda = self.device.type == "cuda"  # resolves the "auto" choices below, and nothing else
+        # the speed profile, resolved once against the device ("auto": on for CUDA, off elsewhere)
+        on_cuda = self.device.type == "cuda"
         self.amp = "bf16" if cfg.amp == "bf16" or (cfg.amp == "auto" and on_cuda) else "fp32"
-        self.channels_last = cfg.channels_last == "true" or (cfg.channels_last == "auto" and on_cuda)
-        self.fused_adam = cfg.fused_adam == "true" or (cfg.fused_adam == "auto" and on_cuda)
-        self.net = _moved(UNet(cfg), self.device, self.channels_last)  # before Adam: its moments copy the layout
+        self.channels_last = _resolve(cfg.channels_last, on_cuda)
+        self.fused_adam = _resolve(cfg.fused_adam, on_cuda)
+        self.net = _to_device(UNet(cfg), self.device, self.channels_last)  # before Adam
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, fused=self.fused_adam)
         self.step, self.nfe = 0, 0
@@ -506,16 +530,18 @@ class Model:
         if torch.distributed.is_initialized():  # the OT pairing still runs over the global batch (ot_pairs)
             ids = None if self.device.index is None else [self.device.index]
             train_net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.train_fn = _compiled(train_net, cfg.compile)
-        self.sample_fns = {False: _compiled(self.net, cfg.compile), True: _compiled(self.ema, cfg.compile)}
+        # the network calls of training and of sampling (by sample_ema), through torch.compile when cfg.compile
+        self._train_fwd = _compiled(train_net, cfg.compile)
+        self._sample_fwd = {False: _compiled(self.net, cfg.compile), True: _compiled(self.ema, cfg.compile)}
 
     @property
     def profile(self) -> dict:
-        """The resolved engineering choices (retrain.py prints them at start)."""
+        """The resolved speed settings (retrain.py prints them at start)."""
         return {"amp": self.amp, "channels_last": self.channels_last, "fused_adam": self.fused_adam,
-                "compile": self.cfg.compile}
+                "compile": bool(self.cfg.compile)}
 
     def _autocast(self, enabled: bool = True):
+        """bf16 autocast of the network when amp is bf16 (and enabled: dopri5 samples in float32)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled and self.amp == "bf16")
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
@@ -523,8 +549,8 @@ class Model:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def loss(self, x1: torch.Tensor) -> torch.Tensor:
-        """The OT-CFM loss of a data batch x1 (B, C, H, W) in [-1, 1]: mean (v(t, x_t) - u_t)^2 over all elements
-        (Tong et al.'s conditional flow matching objective, with (x0, x1) drawn from the minibatch OT plan).
+        """cfm_loss of the training network on a data batch x1 (B, C, H, W) in [-1, 1], 0-dim float32: noise x0
+        paired with x1 by the minibatch OT plan (cfg.ot), times t uniform on [0, 1].
 
         Under torchrun x1 is this process's share of the global batch; the OT plan is solved over the global
         batch all the same (see ot_pairs), so training does not depend on the number of processes."""
@@ -534,10 +560,8 @@ class Model:
             x0, x1 = ot_pairs(x0, x1, cfg.ot_resample)  # x0[i] is paired with x1[i]
         t = torch.rand(len(x1), device=x1.device)  # (B,) uniform on [0, 1]
         eps = torch.randn_like(x1) if cfg.sigma > 0 else None
-        xt, ut = conditional_path(x0, x1, t, cfg.sigma, eps)
-        with self._autocast():
-            v = self.train_fn(t, self._input(xt))
-        return (v.float() - ut).square().mean()
+        with self._autocast():  # the network's input goes NHWC (channels_last), the target u_t stays as it is
+            return cfm_loss(lambda t, xt: self._train_fwd(t, self._input(xt)), x0, x1, t, cfg.sigma, eps)
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on x (B, C, H, W) in [-1, 1]. Returns the loss (this process's mean) as a detached
@@ -581,9 +605,8 @@ class Model:
         there an image also depends on the others in its call, at the level of the tolerances rtol / atol.
         dopri5 runs the network in float32 whatever cfg.amp says (see Config.amp); the others under amp."""
         cfg = self.cfg
-        net = self.ema if cfg.sample_ema else self.net
-        net.eval()
-        fn = self.sample_fns[cfg.sample_ema]
+        (self.ema if cfg.sample_ema else self.net).eval()
+        fwd = self._sample_fwd[cfg.sample_ema]
         amp = cfg.sampler != "dopri5"
         shape = (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
         with torch.inference_mode():
@@ -594,7 +617,7 @@ class Model:
 
             def f(t, x):
                 with self._autocast(enabled=amp):
-                    return fn(t, self._input(x)).float()  # the ODE state stays float32
+                    return fwd(t, self._input(x)).float()  # the ODE state stays float32
 
             x, self.nfe = SAMPLERS[cfg.sampler](f, x0, cfg)
         return x.clamp(-1, 1).contiguous()
@@ -603,21 +626,10 @@ class Model:
         return {"net": self.net.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "step": self.step}
 
-    def _load_adam_state(self, state: dict) -> None:
-        """Adam's per-parameter state (moments, step; keyed by parameter index) into this optimizer under its own
-        param_groups: lr, betas, eps and fused stay this Config's. Each moment then takes its parameter's memory
-        layout: a file saved from NCHW weights holds NCHW moments, which CUDA's fused Adam refuses next to
-        channels_last parameters (empty_like keeps the parameter's strides)."""
-        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
-        for p, s in self.opt.state.items():
-            for k, v in s.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    s[k] = torch.empty_like(p).copy_(v)
-
     def load_state_dict(self, d: dict) -> None:
         self.net.load_state_dict(d["net"])
         self.ema.load_state_dict(d["ema"])
-        self._load_adam_state(d["opt"]["state"])
+        _load_adam_state(self.opt, d["opt"])
         self.step = int(d["step"])
 
     def load_pretrained(self, path: str) -> None:
@@ -634,7 +646,33 @@ class Model:
             fits = len(groups) == 1 and groups[0]["params"] == list(range(len(params))) and all(
                 "exp_avg" in s and s["exp_avg"].shape == params[i].shape for i, s in adam.get("state", {}).items())
             if fits:
-                self._load_adam_state(adam["state"])
+                _load_adam_state(self.opt, adam)
             else:
                 warnings.warn(f"optimizer state of '{path}' does not fit this network; starting Adam afresh")
         self.step = max(int(ckpt.get("step", 0)) + 1, self.cfg.warmup_steps)  # file's step = last update index
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official checkpoints: torchcfm's torch.save({"net_model", "ema_model", "sched", "optim", "step"}) in
+# train_cifar10.py
+
+
+def read_official(path) -> dict:
+    """torchcfm's checkpoint file as a dict, with any DataParallel "module." prefix removed from the weights."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not ({"net_model", "ema_model"} & ckpt.keys()):
+        raise ValueError("not a torchcfm checkpoint (no 'net_model' / 'ema_model' entry)")
+    for key in ("net_model", "ema_model"):
+        if key in ckpt:
+            ckpt[key] = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
+    return ckpt
+
+
+def load_official(path, cfg: Config | None = None, ema: bool = True) -> UNet:
+    """The network of a torchcfm checkpoint (EMA weights by default), in eval mode, called as net(t, x).
+
+    cfg defaults to the paper preset (torchcfm's CIFAR-10 U-Net); the weights load strictly."""
+    ckpt = read_official(path)
+    net = UNet(cfg or make_config("paper"))
+    net.load_state_dict(ckpt["ema_model" if ema and "ema_model" in ckpt else "net_model"])
+    return net.eval()
