@@ -13,6 +13,7 @@ catches:
   - a failure on one rank ends every rank with the same one-line error instead of a hang.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,50 @@ def test_reference_cache_mismatch_on_rank_0_ends_both_ranks(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
         assert lines[0].startswith("retrain.py: error: reference '") and "delete it" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile: a fallback for compile errors only
+
+
+def compiling_to(error):
+    """A stand-in for torch.compile whose compiled network raises error when called."""
+    def compiled(*args):
+        raise error
+    return lambda net: compiled
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compile_falls_back_to_eager_on_compile_errors_only(name, monkeypatch):
+    """torch.compile failing to compile (inductor finding no C++ compiler) falls back to the eager network with a
+    one-line warning per network call, and trains and samples exactly as eager; an error of the compiled code as
+    it runs (CUDA out of memory) propagates. Catches a fallback that catches every exception: an out-of-memory
+    inside a compiled forward switched that process to eager for good. EDM runs VP with sigma_min below the
+    smallest level its schedule supports: the samplers read that level through the compiled wrapper
+    (net.sigma_min), which must give the eager net's."""
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    extra = dict(precond="vp", sigma_min=1e-4) if name == "edm" else {}
+    x = digits_batch(8)
+    monkeypatch.setattr(torch, "compile", compiling_to(InductorError(InvalidCxxCompiler("cc"), None)))
+    runs = []
+    for compile_ in (False, True):
+        module, cfg = tiny(name, compile=compile_, **extra)
+        torch.manual_seed(0)
+        model = module.Model(cfg, "cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(1)
+            runs.append((model.train_step(x), model.generate(torch.arange(2))))
+        fallbacks = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+        assert len(fallbacks) == (2 if compile_ else 0), fallbacks  # training's network call and sampling's
+    assert all(m.startswith("torch.compile failed (InductorError: InvalidCxxCompiler") for m in fallbacks)
+    assert all(len(m.splitlines()) == 1 for m in fallbacks)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    monkeypatch.setattr(torch, "compile", compiling_to(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
+    module, cfg = tiny(name, compile=True)
+    model = module.Model(cfg, "cpu")
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        model.train_step(x)
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+        model.generate(torch.arange(2))

@@ -11,7 +11,6 @@ import math
 import pickle
 import sys
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -568,45 +567,6 @@ def test_profile_fields_are_validated_and_resolved():
     assert not conv.is_contiguous()
     x = digits_like(8)
     assert fast.net(x, torch.tensor(0.7)).shape == x.shape
-
-
-def compiling_to(error):
-    """A stand-in for torch.compile whose compiled network raises error when called."""
-    def compiled(*args):
-        raise error
-    return lambda net: compiled
-
-
-def test_compile_falls_back_to_eager_on_compile_errors_only(monkeypatch):
-    """torch.compile failing to compile (inductor finding no C++ compiler) falls back to the eager network with a
-    one-line warning per network call, and trains and samples exactly as eager; an error of the compiled code as
-    it runs (CUDA out of memory) propagates. Catches a fallback that catches every exception: an out-of-memory
-    inside a compiled forward switched that process to eager for good.
-    VP with sigma_min below the smallest level its schedule supports: the samplers read that level through
-    the compiled wrapper (net.sigma_min), which must give the eager net's."""
-    from torch._inductor.exc import InductorError, InvalidCxxCompiler
-
-    x = digits_like(8)
-    monkeypatch.setattr(torch, "compile", compiling_to(InductorError(InvalidCxxCompiler("cc"), None)))
-    runs = []
-    for compile_ in (False, True):
-        torch.manual_seed(0)
-        model = small_model(compile=compile_, precond="vp", sigma_min=1e-4, num_steps=2)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.manual_seed(1)
-            runs.append((model.train_step(x), model.generate(torch.arange(2))))
-        fallbacks = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
-        assert len(fallbacks) == (2 if compile_ else 0), fallbacks  # training's network call and sampling's
-    assert all(m.startswith("torch.compile failed (InductorError: InvalidCxxCompiler") for m in fallbacks)
-    assert all(len(m.splitlines()) == 1 for m in fallbacks)
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    monkeypatch.setattr(torch, "compile", compiling_to(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
-    model = small_model(compile=True, num_steps=2)
-    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
-        model.train_step(x)
-    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
-        model.generate(torch.arange(2))
 
 
 @pytest.mark.parametrize("precond", ["edm", "vp"])

@@ -9,7 +9,6 @@ CUDA profile (bf16, channels_last, fused Adam) run on the CPU.
 import io
 import itertools
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -505,43 +504,6 @@ def test_adam_moments_take_the_channels_last_layout_on_every_load(official_file,
     assert torch.equal(model.opt.state_dict()["state"][0]["exp_avg"], nchw.opt.state_dict()["state"][0]["exp_avg"])
     model.train_step(x)
     check(model)
-
-
-def compiling_to(error):
-    """A stand-in for torch.compile whose compiled network raises error when called."""
-    def compiled(*args):
-        raise error
-    return lambda net: compiled
-
-
-def test_compile_falls_back_to_eager_on_compile_errors_only(monkeypatch):
-    """torch.compile failing to compile (inductor finding no C++ compiler) falls back to the eager network with a
-    one-line warning per network call, and trains and samples exactly as eager; an error of the compiled code as
-    it runs (CUDA out of memory) propagates. Catches a fallback that catches every exception: an out-of-memory
-    inside a compiled forward switched that process to eager for good."""
-    from torch._inductor.exc import InductorError, InvalidCxxCompiler
-
-    x = tiny_data(4)
-    monkeypatch.setattr(torch, "compile", compiling_to(InductorError(InvalidCxxCompiler("cc"), None)))
-    runs = []
-    for compile_ in (False, True):
-        torch.manual_seed(0)
-        model = otcfm.Model(tiny_config(compile=compile_, batch=4, sampler="euler", steps=2), "cpu")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.manual_seed(1)
-            runs.append((model.train_step(x), model.generate(torch.arange(2))))
-        fallbacks = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
-        assert len(fallbacks) == (2 if compile_ else 0), fallbacks  # training's network call and sampling's
-    assert all(m.startswith("torch.compile failed (InductorError: InvalidCxxCompiler") for m in fallbacks)
-    assert all(len(m.splitlines()) == 1 for m in fallbacks)
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    monkeypatch.setattr(torch, "compile", compiling_to(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
-    model = otcfm.Model(tiny_config(compile=True, batch=4, sampler="euler", steps=2), "cpu")
-    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
-        model.train_step(x)
-    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
-        model.generate(torch.arange(2))
 
 
 def test_make_config():
