@@ -23,6 +23,10 @@ import torch
 import torch.distributed as dist
 
 
+# ----------------------------------------------------------------------------------------------------
+# CPU threads
+
+
 def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 

@@ -260,7 +260,7 @@ def run_clock(s: Settings, model, lams: list, pretraining: bool) -> RunClock | N
     """The run's clock for the work still to do, with the sampler timed on seeds no iteration uses (a batch of 64,
     then a whole batch of the iterations' size where that costs under PROBE_SECONDS). None for closed-form
     models and on ranks other than 0."""
-    cfg, iters = s.cfg, s.args.iters
+    cfg, iters = s.cfg, s.iters
     if not s.main or not hasattr(cfg, "batch"):
         return None
     work = [("pretraining", round(cfg.pretrain_kimg * 1000 / cfg.batch), max(s.n_gen.values()))] if pretraining else []
@@ -273,7 +273,7 @@ def run_clock(s: Settings, model, lams: list, pretraining: bool) -> RunClock | N
 
     def seconds_per_sample(n: int) -> float:
         t0 = time.perf_counter()
-        model.generate(image_seeds(s.args.seed, 999, n))  # iteration 999 of this seed: never a real iteration's seeds
+        model.generate(image_seeds(s.seed, 999, n))  # iteration 999 of this seed: never a real iteration's seeds
         return (time.perf_counter() - t0) / n
 
     probe = min(cfg.sample_batch, 64)
@@ -320,12 +320,12 @@ def iter0_cache(s: Settings) -> str | None:
     if s.args.init or s.args.no_cache or not hasattr(s.cfg, "pretrain_kimg"):
         return None
     code = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in (getattr(s.module, "__file__", None), __file__) if f]
-    key = {"format": CKPT_FORMAT, "model": s.args.model, "config": dataclasses.asdict(s.cfg), "seed": s.args.seed,
+    key = {"format": CKPT_FORMAT, "model": s.model, "config": dataclasses.asdict(s.cfg), "seed": s.seed,
            "data": hashlib.sha256(s.real.cpu().contiguous().numpy().tobytes()).hexdigest(),
            "samples": max(s.n_gen.values()), "device": s.device.type, "world": s.world, "code": code,
            "torch": torch.__version__}
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(s.cache, f"{s.args.model}-iter0-{name}.pt")
+    return os.path.join(s.cache, f"{s.model}-iter0-{name}.pt")
 
 
 def iteration_zero(s: Settings, model, evaluate, how: str | None, cache: str | None, clock) -> dict:
@@ -352,10 +352,10 @@ def iteration_zero(s: Settings, model, evaluate, how: str | None, cache: str | N
         if s.main:
             print(f"iteration 0: training from scratch on {len(s.real)} real images"
                   + (f" for {kimg:g} kimg ({steps} steps of {cfg.batch})" if steps else " (closed form)"))
-        how = "pretrain " + json.dumps(train(model, s.real, kimg, cfg, s.args.seed, 0, s.progress, "pretrain", clock))
-    samples = sample(model, max(s.n_gen.values()), s.args.seed, 0, cfg.sample_batch, s.is_image, s.progress)
+        how = "pretrain " + json.dumps(train(model, s.real, kimg, cfg, s.seed, 0, s.progress, "pretrain", clock))
+    samples = sample(model, max(s.n_gen.values()), s.seed, 0, cfg.sample_batch, s.is_image, s.progress)
     rec = record(s, evaluate, model, 0, s.lams[0], time.time() - t0, samples, {"nfe": model.nfe})
-    ckpt0 = {"format": CKPT_FORMAT, "model": s.args.model, "config": dataclasses.asdict(cfg), "iter": 0,
+    ckpt0 = {"format": CKPT_FORMAT, "model": s.model, "config": dataclasses.asdict(cfg), "iter": 0,
              "state": copy.deepcopy(model.state_dict()), "samples": samples, "record": rec, "how": how}
     if s.main:
         save_atomic(ckpt0, path)
@@ -386,7 +386,7 @@ def start_lambda(s: Settings, lam: float, n_gen: int, ckpt0: dict, model, evalua
     samples, first = ckpt0["samples"], {**ckpt0["record"], "lam": lab}
     if regime.temperature != 1 or len(samples) < n_gen:
         t0 = time.time()
-        samples = sample(model, n_gen, s.args.seed, 0, s.cfg.sample_batch, s.is_image, s.progress, regime.temperature)
+        samples = sample(model, n_gen, s.seed, 0, s.cfg.sample_batch, s.is_image, s.progress, regime.temperature)
         if regime.temperature != 1:  # other samples than the shared iteration 0's: evaluated again
             first = {**first, **record(s, evaluate, model, 0, lam, time.time() - t0, samples, {"nfe": model.nfe})}
             if s.main:
@@ -394,7 +394,7 @@ def start_lambda(s: Settings, lam: float, n_gen: int, ckpt0: dict, model, evalua
     first = {**first, "n_synth_by_gen": {}, **({"reward": reward(samples).mean().item()} if reward else {})}
     if s.main and s.is_image:
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        save_grid(samples, os.path.join(folder, "samples", "iter000.png"), title=f"{s.args.model}, lam {lab}, iteration 0")
+        save_grid(samples, os.path.join(folder, "samples", "iter000.png"), title=f"{s.model}, lam {lab}, iteration 0")
     return {**ckpt0, "lam": lab, "samples": samples, "history": [first], "pool": []}
 
 
@@ -411,33 +411,33 @@ def retrain_lambda(s: Settings, lam: float, ckpt0: dict, model, evaluate, clock=
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         save_atomic("".join(lines), os.path.join(folder, "metrics.jsonl"))
     if regime.start == "scratch":  # the initial weights of iteration 0, the start of every iteration
-        torch.manual_seed(s.args.seed)
+        torch.manual_seed(s.seed)
         blank = type(model)(cfg, s.real.device).state_dict()
     last_plot = time.time()  # the plot is redrawn every 30 s and at the end
-    for t in range(state["iter"] + 1, s.args.iters + 1):
+    for t in range(state["iter"] + 1, s.iters + 1):
         t0 = time.time()
         # D_t: the real data plus n_synth samples of theta_{t-1} (and earlier generations' when accumulating)
         train_set, pool, made = regimes.training_set(regime, lam, s.real, samples, pool, n_synth, reward,
-                                                     train_seed(s.args.seed, t), t)
+                                                     train_seed(s.seed, t), t)
         if regime.start == "scratch":
             model.load_state_dict(blank)
         # theta_t: theta_{t-1} trained on D_t for kimg thousand images
-        stats = train(model, train_set, s.config["kimg"], cfg, s.args.seed, t, s.progress, f"train it {t} lam {lab}", clock)
+        stats = train(model, train_set, s.config["kimg"], cfg, s.seed, t, s.progress, f"train it {t} lam {lab}", clock)
         # samples of theta_t: they measure it, and train theta_{t+1}
-        samples = sample(model, n_gen, s.args.seed, t, cfg.sample_batch, s.is_image, s.progress, regime.temperature)
+        samples = sample(model, n_gen, s.seed, t, cfg.sample_batch, s.is_image, s.progress, regime.temperature)
         if reward is not None:
             made["reward"] = reward(samples).mean().item()
         rec = record(s, evaluate, model, t, lam, time.time() - t0, samples, {**made, **stats, "nfe": model.nfe})
         history.append(rec)
         lines.append(json.dumps(rec) + "\n")
         if s.main:  # the history as one string: pickling hundreds of records cost more than the Gaussian's iteration
-            save_atomic({"format": CKPT_FORMAT, "model": s.args.model, "config": state["config"], "iter": t, "lam": lab,
+            save_atomic({"format": CKPT_FORMAT, "model": s.model, "config": state["config"], "iter": t, "lam": lab,
                          "state": model.state_dict(), "samples": samples, "history": "".join(lines),
                          **({"pool": pool} if regime.pool != "replace" else {})}, os.path.join(folder, "ckpt.pt"))
             save_atomic("".join(lines), os.path.join(folder, "metrics.jsonl"))
             if s.is_image:
                 save_grid(samples, os.path.join(folder, "samples", f"iter{t:03d}.png"),
-                          title=f"{s.args.model}, lam {lab}, iteration {t}")
+                          title=f"{s.model}, lam {lab}, iteration {t}")
             if time.time() - last_plot > 30:
                 plot(s, {lab: history}, os.path.join(folder, "metrics.png"))
                 last_plot = time.time()

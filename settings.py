@@ -75,7 +75,8 @@ def parse_overrides(items: list[str], cfg_cls) -> dict:
 @dataclasses.dataclass
 class Settings:
     args: argparse.Namespace  # the command line as given (a sweep's processes are started from it)
-    module: object            # the model's file: ddpm, edm, otcfm, gaussian
+    model: str                # the model's name: ddpm, edm, otcfm, gaussian
+    module: object            # its file
     cfg: object               # its Config
     regime: regimes.Regime
     config: dict              # config.json's content
@@ -83,6 +84,8 @@ class Settings:
     reference: tuple          # (images, labels) the samples are measured against: the whole data set
     truth: tuple | None       # the Gaussian's true (mu, Sigma)
     lams: list                # the lambdas of the run
+    iters: int                # the last iteration
+    seed: int                 # the seed of everything: initial weights, training batches, samples
     n_synth: dict             # {lam: synthetic samples per training set}
     n_gen: dict               # {lam: samples drawn per iteration}
     out: str                  # the run folder
@@ -185,8 +188,8 @@ def resolve(args, world: int, device: torch.device) -> Settings:
               **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics, "world_size": world,
               "device": device.type, "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
-    return Settings(args, module, cfg, regime, config, real, reference, truth, lams, n_synth,
-                    {lam: max(n_eval, n_synth[lam]) for lam in lams}, out,
+    return Settings(args, args.model, module, cfg, regime, config, real, reference, truth, lams, args.iters, args.seed,
+                    n_synth, {lam: max(n_eval, n_synth[lam]) for lam in lams}, out,
                     args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache"), device, world,
                     rank_world()[0] == 0 and not args.no_progress)
 
@@ -247,7 +250,7 @@ def load_checkpoint(path: str) -> dict:
 def init_path(s: Settings) -> str:
     """The file that --init names; for 'official', the released checkpoint, downloaded by rank 0 into the torch
     hub cache when it is not there (run inside on_every_rank, whose end the other ranks wait at)."""
-    path, model = s.args.init, s.args.model
+    path, model = s.args.init, s.model
     if path == "official":
         key = s.config["data"]  # the released-checkpoint key: cifar10, ffhq64, ...
         if key != "cifar10":
@@ -269,7 +272,7 @@ def init_path(s: Settings) -> str:
 
 def load_init(s: Settings, model, path: str) -> str:
     """The --init file into `model`: a retrain.py checkpoint, or a released checkpoint file."""
-    name = s.args.model
+    name = s.model
     if not os.path.isfile(path):
         raise UserError(f"--init '{path}' not found: give a checkpoint file or 'official'")
     try:  # torch.save files are zips; anything else (EDM's .pkl) goes to the model's own loader

@@ -54,8 +54,7 @@ def test_cache_key_follows_everything_iteration_0_depends_on(tmp_path, meanmodel
     s = settings.resolve(args, 1, torch.device("cpu"))
 
     def key(cfg=s.cfg, real=s.real, samples=50, seed=0):
-        args.seed = seed
-        return retrain.iter0_cache(dataclasses.replace(s, cfg=cfg, real=real, n_gen={1.0: samples}))
+        return retrain.iter0_cache(dataclasses.replace(s, cfg=cfg, real=real, n_gen={1.0: samples}, seed=seed))
 
     base = key()
     assert base == key() and base.startswith(str(tmp_path / "cache"))
