@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 'cache' beside the --out folder)")
     p.add_argument("--no-cache", action="store_true", help="train iteration 0 again even when the cache has it")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (same as --set compile=true)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are drawn only when stderr is a terminal)")
     r = p.add_argument_group("self-consuming regimes beyond the paper (regimes.py; the defaults are the paper's loop)")
     r.add_argument("--pool", default="replace", choices=("replace", "accumulate", "accumulate-subsample"),
                    help="synthetic data across iterations: replace (each generation's samples replace the previous "

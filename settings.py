@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 import zipfile
 
@@ -191,7 +192,7 @@ def resolve(args, world: int, device: torch.device) -> Settings:
     return Settings(args, args.model, module, cfg, regime, config, real, reference, truth, lams, args.iters, args.seed,
                     n_synth, {lam: max(n_eval, n_synth[lam]) for lam in lams}, out,
                     args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache"), device, world,
-                    rank_world()[0] == 0 and not args.no_progress)
+                    rank_world()[0] == 0 and not args.no_progress and sys.stderr.isatty())  # bars on a terminal only
 
 
 def check_folder(s: Settings) -> None:

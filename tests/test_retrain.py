@@ -248,6 +248,14 @@ def test_a_batch_that_does_not_divide_among_processes_is_refused():
     assert settings.resolve(args, 4, torch.device("cpu")).cfg.batch == 8
 
 
+def test_no_progress_bars_when_the_output_is_not_a_terminal(tmp_path, capsys):
+    """Sent to a file or a pipe, the output holds the result lines only: no progress bar glued to them."""
+    argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", "30", "--lam", "1", "--iters", "2"]
+    assert retrain.main([*argv, "--out", str(tmp_path / "r")]) == 0  # capsys: stdout and stderr are not terminals
+    out = capsys.readouterr()
+    assert "sample it" not in out.err + out.out and "iter   2 lam    1" in out.out
+
+
 def test_config_records_the_command_line(tmp_path):
     """config.json holds the command as typed; resuming with another command line (more iterations) is allowed."""
     argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", "30", "--lam", "1", "--iters", "1",
