@@ -2,7 +2,7 @@
 
 Bertrand et al. (ICLR 2024) retrain on the same n real images plus round(lam n) samples of the previous
 model, which replace the earlier ones. The flags of retrain.py vary each part of that loop, as later papers do
-(../README.md, "Self-consuming regimes"; gaussian.py gives each regime in closed form):
+(README, "The loop"; gaussian.py gives each regime in closed form):
 
   --pool   replace (the paper): generation t-1's samples replace the earlier ones; accumulate: every
            generation's samples are kept (Gerstgrasser et al. 2024), the training set grows by round(lam n) per

@@ -29,8 +29,8 @@ profile forced (bf16, channels_last, fused Adam), batch 4, 2 seeds, 2-step sampl
 The JSON record: {"header": bench.py's header (GPU, torch, dtype, bf16 peak, ...) with the GPU count and CUDA
 version, "checks": [one per test: its name, size, outcome, seconds, and what it measured: bench.py's row of a
 model or memory check (img/s, MFU, peak MiB, ...), a retrain run's command line and metrics]}. It is rewritten
-after each check, so a run that stops keeps what finished; run it in one process (no -n). README's Performance
-section takes its figures from there.
+after each check, so a run that stops keeps what finished; run it in one process (no -n). docs/performance.md
+takes its GPU figures from there.
 
 The tests after the checks show that each check fails on a broken input."""
 
