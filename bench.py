@@ -52,6 +52,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fid
+import jobs
 import reproduce
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,14 +523,13 @@ def resolve(args) -> dict:
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    cores = cpu_cores()
+    cores = jobs.cpu_cores()
     # quick mode's 8x8 networks run many tiny operations: one thread is faster, and far faster on shared cores
     torch.set_num_threads(args.threads or (1 if quick else cores))
     cuda = device.type == "cuda"
     if cuda:  # as retrain.py trains (fid.py turns TF32 off for its features)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-        torch.backends.cudnn.allow_tf32 = True       # TF32 convolutions
-        torch.backends.cudnn.benchmark = True        # cuDNN's autotuner: the warm-up calls absorb its search
+        jobs.enable_tf32()
+        torch.backends.cudnn.benchmark = True  # cuDNN's autotuner: the warm-up calls absorb its search
     models = list(MODELS) if "all" in args.model else [m for m in MODELS if m in args.model]
     preset = args.preset or ("small" if quick else "paper")
     runs = [(m, preset) for m in models]
@@ -554,11 +554,6 @@ def resolve(args) -> dict:
     s["peak_tflops"] = bf16_peak_tflops(s["device_name"]) if cuda else None
     s["mem"] = PeakMemory(device)
     return s
-
-
-def cpu_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_name() -> str:
@@ -631,7 +626,7 @@ def notes(s: dict, res: dict) -> list[str]:
     if res["raw"]:
         out.append("bare networks: loss mean(out^2); bf16 = autocast; max/min = spread of the timed calls")
     out.append(f"peak memory: {s['mem'].kind}")
-    cores = cpu_cores()
+    cores = jobs.cpu_cores()
     load = res["header"]["load_avg_1_5_15"][0]
     if s["device"].type == "cpu" and load + s["threads"] > cores + 0.5:
         out.append(f"busy machine: load average {load:.2f} at the start, {s['threads']} threads on {cores} cores; "
@@ -775,7 +770,7 @@ def demo(args) -> dict:
     header = {"device": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_avg_1_5_15": [round(v, 2) for v in (os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))]}
-    cores = cpu_cores()
+    cores = jobs.cpu_cores()
     models = [m for m in MODELS if "all" in args.model or m in args.model]
     rows = [demo_row(m, t, args.iters or 5) for m in models for t in sorted({1, args.threads or cores})]
     # reproduce.py digits --jobs 2: per seed 3 pretrainings and 12 lambda runs, two at a time on one thread each

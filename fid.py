@@ -354,7 +354,7 @@ def _precision_mode(device: torch.device, precision: str):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
         return
-    # the switches retrain.enable_tf32 uses: set_float32_matmul_precision keeps every backend in one state, so
+    # the switches jobs.enable_tf32 uses: set_float32_matmul_precision keeps every backend in one state, so
     # torch.get_float32_matmul_precision() and torch.backends.cuda.matmul.allow_tf32 stay readable for all
     saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")

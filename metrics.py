@@ -22,7 +22,7 @@ import torch.distributed as dist
 import fid
 from figures import PANELS, plot_metrics
 from jobs import UserError, rank_world
-from settings import save_atomic
+from settings import lam_folder, save_atomic
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,9 +162,9 @@ def summarize_seeds(base: str, seeds: list[int]) -> dict:
     and base/metrics.png, and the last iteration's as lines of text."""
     configs = [json.load(open(os.path.join(base, f"seed_{seed}", "config.json"))) for seed in seeds]
     c, lams = configs[0], configs[0]["lams"]
-    folder = lambda seed, lam: os.path.join(base, f"seed_{seed}", *([f"lam_{lam}"] if len(lams) > 1 else []))
-    histories = {lam: [[json.loads(line) for line in open(os.path.join(folder(seed, lam), "metrics.jsonl"))]
-                       for seed in seeds] for lam in lams}
+    logs = {lam: [os.path.join(lam_folder(os.path.join(base, f"seed_{seed}"), lams, float(lam)), "metrics.jsonl")
+                  for seed in seeds] for lam in lams}
+    histories = {lam: [[json.loads(line) for line in open(log)] for log in logs[lam]] for lam in lams}
     summary = {"seeds": seeds, "features": c.get("features"), "noise_floor": c.get("noise_floor"), "lams": {}}
     for lam, hs in histories.items():
         rows = []

@@ -265,7 +265,7 @@ def run_clock(s: Settings, model, lams: list, pretraining: bool) -> RunClock | N
         return None
     work = [("pretraining", round(cfg.pretrain_kimg * 1000 / cfg.batch), max(s.n_gen.values()))] if pretraining else []
     for lam in lams:
-        log = os.path.join(lam_folder(s, lam), "metrics.jsonl")
+        log = os.path.join(lam_folder(s.out, s.lams, lam), "metrics.jsonl")
         done = sum(1 for _ in open(log)) - 1 if os.path.exists(log) else 0
         if iters > done:
             work.append((f"lam {lam_label(lam)}: {iters - done} iterations",
@@ -373,7 +373,7 @@ def iteration_zero(s: Settings, model, evaluate, how: str | None, cache: str | N
 def start_lambda(s: Settings, lam: float, n_gen: int, ckpt0: dict, model, evaluate, reward) -> dict:
     """The state a lambda's loop starts from: its ckpt.pt when resuming, else iteration 0 as this regime sees it
     (its samples at the temperature, K per kept one with curation), written out as the lambda's iteration 0."""
-    folder, regime, lab = lam_folder(s, lam), s.regime, lam_label(lam)
+    folder, regime, lab = lam_folder(s.out, s.lams, lam), s.regime, lam_label(lam)
     if os.path.exists(os.path.join(folder, "ckpt.pt")):
         ckpt = load_checkpoint(os.path.join(folder, "ckpt.pt"))
         if s.main:
@@ -392,8 +392,7 @@ def start_lambda(s: Settings, lam: float, n_gen: int, ckpt0: dict, model, evalua
             if s.main:
                 print(f"{log_line(first)}   (sampled again at temperature {regime.temperature:g})")
     first = {**first, "n_synth_by_gen": {}, **({"reward": reward(samples).mean().item()} if reward else {})}
-    if s.main and s.is_image:
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+    if s.main and s.is_image:  # (retrain_lambda made the folder)
         save_grid(samples, os.path.join(folder, "samples", "iter000.png"), title=f"{s.model}, lam {lab}, iteration 0")
     return {**ckpt0, "lam": lab, "samples": samples, "history": [first], "pool": []}
 
@@ -401,14 +400,15 @@ def start_lambda(s: Settings, lam: float, n_gen: int, ckpt0: dict, model, evalua
 def retrain_lambda(s: Settings, lam: float, ckpt0: dict, model, evaluate, clock=None) -> list[dict]:
     """Iterations 1..T for one lambda: theta_t = fine-tune theta_{t-1} on D_t = real data + samples of theta_{t-1},
     every iteration checkpointed (ckpt.pt: --resume goes on after the last one). Returns the metrics' history."""
-    folder, lab, regime, cfg = lam_folder(s, lam), lam_label(lam), s.regime, s.cfg
+    folder, lab, regime, cfg = lam_folder(s.out, s.lams, lam), lam_label(lam), s.regime, s.cfg
     n_synth, n_gen = s.n_synth[lam], max(s.n_gen[lam], regime.curate * s.n_synth[lam])  # curation: K per kept one
     reward = regimes.reward_function(regime, s.is_image, s.real.device, s.cache)
+    if s.main:
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
     state = start_lambda(s, lam, n_gen, ckpt0, model, evaluate, reward)
     samples, history, pool = state["samples"], state["history"], state["pool"]
     lines = [json.dumps(r) + "\n" for r in history]  # metrics.jsonl, each record serialized once
     if s.main:
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         save_atomic("".join(lines), os.path.join(folder, "metrics.jsonl"))
     if regime.start == "scratch":  # the initial weights of iteration 0, the start of every iteration
         torch.manual_seed(s.seed)
@@ -464,7 +464,7 @@ def run(args) -> None:
         s = resolve(args, world, device)
         check_folder(s)
     with on_every_rank():
-        torch.manual_seed(args.seed)  # the network's initial weights: the same on every rank and in every run
+        torch.manual_seed(s.seed)  # the network's initial weights: the same on every rank and in every run
         model = s.module.Model(s.cfg, device)
         if s.is_image:
             s.real = s.real.to(device)
@@ -485,7 +485,7 @@ def run(args) -> None:
     barrier()  # the run folder is ready before any rank looks into it
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
         evaluate = Evaluator(*s.reference, args.metrics, args.inception, s.config["n_eval"], device, s.progress,
-                             cache=os.path.join(s.out, "real-features.npz"), classifier_cache=s.cache, seed=args.seed)
+                             cache=os.path.join(s.out, "real-features.npz"), classifier_cache=s.cache, seed=s.seed)
     if s.main:  # what the metrics are measured with, and their noise floor, beside the run's settings
         s.config["features"] = evaluate.kind
         if evaluate.clf is not None:
@@ -571,7 +571,7 @@ def side_by_side(s: Settings, n_jobs: int) -> dict:
     relayed here. The same seeds make the same numbers as one after another. Returns {lam: history}."""
     threads, todo = max(1, torch.get_num_threads() // n_jobs), []
     for lam in s.lams:
-        folder = lam_folder(s, lam)
+        folder = lam_folder(s.out, s.lams, lam)
         os.makedirs(folder, exist_ok=True)
         if not os.path.exists(os.path.join(folder, "iter0.pt")):
             shutil.copyfile(os.path.join(s.out, "iter0.pt"), os.path.join(folder, "iter0.pt"))
@@ -588,7 +588,7 @@ def side_by_side(s: Settings, n_jobs: int) -> dict:
         raise UserError(f"{e} (--resume goes on after the last completed iteration)") from None
     histories = {}
     for lam in s.lams:
-        with open(os.path.join(lam_folder(s, lam), "metrics.jsonl")) as f:
+        with open(os.path.join(lam_folder(s.out, s.lams, lam), "metrics.jsonl")) as f:
             histories[lam_label(lam)] = [json.loads(line) for line in f]
     return histories
 

@@ -219,9 +219,9 @@ def lam_label(lam: float) -> str:
     return "inf" if math.isinf(lam) else f"{lam:g}"
 
 
-def lam_folder(s: Settings, lam: float) -> str:
-    """Where one lambda's iterations go: the run folder itself, or lam_X/ in a sweep."""
-    return s.out if len(s.lams) == 1 else os.path.join(s.out, f"lam_{lam_label(lam)}")
+def lam_folder(out: str, lams: list, lam: float) -> str:
+    """Where one lambda of a run with `lams` keeps its iterations: the run folder itself, or lam_X/ in a sweep."""
+    return out if len(lams) == 1 else os.path.join(out, f"lam_{lam_label(lam)}")
 
 
 # ----------------------------------------------------------------------------------------------------
