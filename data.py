@@ -20,8 +20,7 @@ LeCun et al. 1998). Labels: the class index of every named dataset (CIFAR-10's 1
 'labels' (or 'y') beside its images; none for folders, zips and .npy files. Every problem raises
 DataError with a one-line message.
 
-    python -c "import data; print(data.load_images('digits').shape)"
-    python -c "import data; x, y = data.load_labelled('mnist'); print(x.shape, y.bincount())"
+    python data.py digits            # what a spec loads: shape, and images per label
 """
 
 import importlib.util
@@ -207,3 +206,22 @@ def first(spec: str, images: torch.Tensor, labels: torch.Tensor | None, n: int |
 def load_images(spec: str, root: str = "data", n: int | None = None) -> torch.Tensor:
     """Dataset `spec` (see the module docstring) as a uint8 tensor (N, C, H, W); the first `n` if given."""
     return load_labelled(spec, root, n)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: what a spec loads
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("spec", help="cifar10 | digits | mnist | fashion-mnist | DIR | FILE.zip | FILE.npy/.npz")
+    p.add_argument("--root", default="data", help="download folder of the named datasets")
+    args = p.parse_args()
+    try:
+        images, labels = load_labelled(args.spec, args.root)
+    except DataError as e:
+        sys.exit(f"data.py: error: {e}")
+    print(f"{args.spec}: {tuple(images.shape)} {images.dtype}, "
+          + ("no labels" if labels is None else f"images per label {labels.bincount().tolist()}"))

@@ -21,12 +21,12 @@ Commands:
     pytest tests/test_edm.py
 """
 
+import argparse
 import collections
 import dataclasses
 import io
 import math
 import pickle
-import sys
 import warnings
 from dataclasses import dataclass
 
@@ -959,10 +959,21 @@ def load_official(path) -> Precond:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: what released .pkl files hold (runs no code from them)
+# Command line: a summary of the network and the sampler of a preset, or what released .pkl files hold
 
 if __name__ == "__main__":
-    for pkl in sys.argv[1:]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="paper", choices=list(PRESETS))
+    p.add_argument("pkl", nargs="*", help="released .pkl files to describe instead (no code in them is run)")
+    args = p.parse_args()
+    for pkl in args.pkl:
         name, kwargs, sd = read_official(pkl)
         print(f"{pkl}: {name}, {len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} elements")
         print(f"  kwargs: {kwargs}")
+    if not args.pkl:
+        cfg = make_config(args.preset)
+        D = build_denoiser(cfg)
+        print(f"edm {args.preset}: {cfg.img_channels}x{cfg.img_resolution}x{cfg.img_resolution} images, "
+              f"{sum(p.numel() for p in D.parameters()):,} parameters, {len(D.state_dict())} state-dict entries")
+        print(f"sampler {cfg.sampler}, {cfg.num_steps} noise levels, "
+              f"{2 * cfg.num_steps - 1 if cfg.sampler == 'heun' else cfg.num_steps} network evaluations per image")

@@ -30,6 +30,7 @@ Run:
     python -m pytest tests/test_otcfm.py
 """
 
+import argparse
 import copy
 import dataclasses
 import math
@@ -676,3 +677,17 @@ def load_official(path, cfg: Config | None = None, ema: bool = True) -> UNet:
     net = UNet(cfg or make_config("paper"))
     net.load_state_dict(ckpt["ema_model" if ema and "ema_model" in ckpt else "net_model"])
     return net.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: a summary of the network and the sampler of a preset
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="paper", choices=list(PRESETS))
+    args = p.parse_args()
+    cfg = make_config(args.preset)
+    net = UNet(cfg)
+    print(f"otcfm {args.preset}: {cfg.img_channels}x{cfg.img_resolution}x{cfg.img_resolution} images, "
+          f"{sum(p.numel() for p in net.parameters()):,} parameters, {len(net.state_dict())} state-dict entries")
+    print(f"sampler {cfg.sampler}, " + ("adaptive steps" if cfg.sampler == "dopri5" else f"{cfg.steps} steps"))

@@ -60,7 +60,7 @@ from figures import plot_metrics, save_grid
 from jobs import UserError, barrier, on_every_rank, rank_world
 from metrics import Evaluator, summarize_seeds
 from settings import (CKPT_FORMAT, N_EVAL_PAPER, Settings, check_folder, init_path, lam_folder, lam_label,
-                      load_checkpoint, load_init, resolve, save_atomic)
+                      load_checkpoint, load_init, put_back, resolve, save_atomic, set_aside)
 
 MODELS = ("gaussian", "ddpm", "edm", "otcfm")
 LOSS_EVERY = 25  # training steps between reads of the loss: the one host synchronisation of the training loop
@@ -76,8 +76,13 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)": such flags say in words what they default to
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--model", default="ddpm", choices=MODELS, help="the generative model")
     p.add_argument("--lam", nargs="+", default=["1"], help="synthetic images per real image; inf = fully synthetic; "
                    "several share iteration 0 and run side by side on the CPU (--lam-jobs)")
@@ -350,7 +355,7 @@ def iteration_zero(s: Settings, model, evaluate, how: str | None, cache: str | N
         kimg = getattr(cfg, "pretrain_kimg", 0)
         steps = round(kimg * 1000 / cfg.batch) if hasattr(cfg, "batch") else 0
         if s.main:
-            print(f"iteration 0: training from scratch on {len(s.real)} real images"
+            print(f"iteration 0: training from scratch on {len(s.real)} real {'images' if s.is_image else 'points'}"
                   + (f" for {kimg:g} kimg ({steps} steps of {cfg.batch})" if steps else " (closed form)"))
         how = "pretrain " + json.dumps(train(model, s.real, kimg, cfg, s.seed, 0, s.progress, "pretrain", clock))
     samples = sample(model, max(s.n_gen.values()), s.seed, 0, cfg.sample_batch, s.is_image, s.progress)
@@ -458,6 +463,7 @@ def plot(s: Settings, histories: dict, path: str) -> None:
 
 
 def run(args) -> None:
+    t_start = time.time()
     rank, world, device = jobs.setup_device(args.device)
     threads = jobs.cpu_threads(args.threads, world) if device.type == "cpu" else jobs.plural(torch.get_num_threads(), "CPU thread")
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
@@ -465,7 +471,10 @@ def run(args) -> None:
         check_folder(s)
     with on_every_rank():
         torch.manual_seed(s.seed)  # the network's initial weights: the same on every rank and in every run
-        model = s.module.Model(s.cfg, device)
+        try:
+            model = s.module.Model(s.cfg, device)
+        except ValueError as e:  # a Config the model refuses (torch's optimizers check lr, betas, ...)
+            raise UserError(f"{s.model} does not accept its Config: {e} (see --set)") from None
         if s.is_image:
             s.real = s.real.to(device)
     how = None
@@ -476,15 +485,36 @@ def run(args) -> None:
             how = load_init(s, model, path)
     if dataclasses.asdict(s.cfg) != s.config["model_config"]:  # the released file set some fields (EDM: its preconditioning)
         s.config["model_config_after_init"] = dataclasses.asdict(s.cfg)
+    old = set_aside(s.out) if s.main and args.force and not args.resume else None
+    try:  # --force: the old run is deleted once the new one has its iteration 0, and put back if it fails before
+        evaluate, n_jobs, clock, ckpt0 = start_run(s, model, how, threads)
+    except BaseException:
+        put_back(old, s.out)
+        raise
+    put_back(old, None)
+    if n_jobs > 1:
+        histories = side_by_side(s, n_jobs)
+        plot(s, histories, os.path.join(s.out, "metrics.png"))
+    else:
+        histories = {}
+        for lam in s.lams:
+            histories[lam_label(lam)] = retrain_lambda(s, lam, ckpt0, model, evaluate, clock)
+            if s.main and len(s.lams) > 1:
+                plot(s, histories, os.path.join(s.out, "metrics.png"))
+    barrier()
     if s.main:
-        if args.force and not args.resume and os.path.exists(s.out):
-            shutil.rmtree(s.out)
+        say_summary(s, histories, time.time() - t_start)
+
+
+def start_run(s: Settings, model, how: str | None, threads: str):
+    """The run folder and config.json, the metrics (Evaluator), the clock and iteration 0."""
+    if s.main:
         os.makedirs(s.out, exist_ok=True)
         save_atomic(json.dumps(s.config, indent=2) + "\n", os.path.join(s.out, "config.json"))
         say_settings(s, model, threads)
     barrier()  # the run folder is ready before any rank looks into it
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
-        evaluate = Evaluator(*s.reference, args.metrics, args.inception, s.config["n_eval"], device, s.progress,
+        evaluate = Evaluator(*s.reference, s.args.metrics, s.args.inception, s.config["n_eval"], s.device, s.progress,
                              cache=os.path.join(s.out, "real-features.npz"), classifier_cache=s.cache, seed=s.seed)
     if s.main:  # what the metrics are measured with, and their noise floor, beside the run's settings
         s.config["features"] = evaluate.kind
@@ -492,8 +522,7 @@ def run(args) -> None:
             s.config["classifier"] = {k: evaluate.clf_info[k] for k in ("accuracy", "hash", "n_train", "n_test")}
         s.config["noise_floor"] = evaluate.floor
         save_atomic(json.dumps(s.config, indent=2) + "\n", os.path.join(s.out, "config.json"))
-
-    n_jobs = lam_jobs(args, s.lams, device, world, evaluate.kind)
+    n_jobs = lam_jobs(s.args, s.lams, s.device, s.world, evaluate.kind)
     if n_jobs > 1 and s.main:
         print(f"retrain.py: after iteration 0 the {len(s.lams)} lambdas run side by side, {n_jobs} at a time with "
               f"{jobs.plural(max(1, torch.get_num_threads() // n_jobs), 'thread')} each (--lam-jobs 1: one after another)")
@@ -506,25 +535,29 @@ def run(args) -> None:
     if ckpt0["record"].get("features", evaluate.kind) != evaluate.kind:  # a run begun with other metrics
         raise UserError(f"--resume: the run in '{s.out}' measured its metrics in {ckpt0['record']['features']} space, "
                         f"this one would use {evaluate.kind}; add --metrics {ckpt0['record']['features']}")
-    if n_jobs > 1:
-        plot(s, side_by_side(s, n_jobs), os.path.join(s.out, "metrics.png"))
-        return
-    histories = {}
-    for lam in s.lams:
-        histories[lam_label(lam)] = retrain_lambda(s, lam, ckpt0, model, evaluate, clock)
-        if s.main and len(s.lams) > 1:
-            plot(s, histories, os.path.join(s.out, "metrics.png"))
-    barrier()
+    return evaluate, n_jobs, clock, ckpt0
 
 
 def say_settings(s: Settings, model, threads: str) -> None:
     c = s.config
+    budget = f" of {c['kimg']:g} kimg" if hasattr(s.cfg, "batch") else " (closed-form fits)"
     print(f"retrain.py: {c['model']} ({c['preset']}) on {c['data']}: n={c['n_real']} real, lam={', '.join(c['lams'])}, "
-          f"{c['iters']} iterations of {c['kimg']:g} kimg, {c['n_eval']} samples evaluated per iteration"
+          f"{c['iters']} iterations{budget}, {c['n_eval']} samples evaluated per iteration"
           + (f" against all {c['n_reference']} images" if c["n_reference"] != c["n_real"] else "")
           + f", device {s.device}" + (f" x {s.world} processes" if s.world > 1 else "") + f" -> {s.out}")
     print("retrain.py: " + ", ".join([*(f"{k} {v}" for k, v in getattr(model, "profile", {}).items()), threads])
           + (", TF32 matmuls" if s.device.type == "cuda" else ""))
+
+
+def say_summary(s: Settings, histories: dict, seconds: float) -> None:
+    """The run's last lines: its main metrics at iteration 0 and at the last one for each lambda, and its files."""
+    print(f"retrain.py: done in {seconds / 60:.1f} min; iteration 0 -> {s.iters}:")
+    for lab, h in histories.items():
+        keys = [k for k in ("fid", "fd", "precision", "recall", "mean_err", "logdet") if k in h[0] and k in h[-1]][:3]
+        print(f"  lam {lab:>4}: " + ", ".join(f"{k} {h[0][k]:.4g} -> {h[-1][k]:.4g}" for k in keys))
+    where = "lam_*/" if len(s.lams) > 1 else ""
+    print(f"  {s.out}/: metrics.png (the curves), {where}metrics.jsonl (every number)"
+          + (f", {where}samples/iterNNN.png (the samples)" if s.is_image else ""))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -619,6 +652,10 @@ def main(argv=None) -> int:
             run(args)
     except UserError as e:
         print(f"retrain.py: error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:  # an output folder that cannot be written
+        print(f"retrain.py: error: cannot write '{e.filename}' ({e.strerror}); choose another --out or --cache",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("retrain.py: interrupted; rerun with --resume to continue after the last completed iteration", file=sys.stderr)

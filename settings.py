@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import zipfile
@@ -126,15 +127,17 @@ def load_real(args, data_spec: str) -> tuple[torch.Tensor, tuple | None, tuple |
     if data_spec == "gaussian":
         import gaussian
 
-        n = args.n_real or 1000
+        n = 1000 if args.n_real is None else args.n_real
         if n < 2:
             raise UserError(f"--n-real {n}: need at least 2 samples")
         return gaussian.make_data(args.dim, n, seed=args.seed), None, gaussian.truth(args.dim)
     try:
         whole = data.load_labelled(data_spec, root=args.data_root)
-        return data.first(data_spec, *whole, args.n_real)[0], whole, None
     except data.DataError as e:
         raise UserError(str(e)) from None
+    if args.n_real is not None and not 1 <= args.n_real <= len(whole[0]):
+        raise UserError(f"--n-real {args.n_real}: '{data_spec}' holds {len(whole[0])} images; give 1 to {len(whole[0])}")
+    return data.first(data_spec, *whole, args.n_real)[0], whole, None
 
 
 def model_config(args, module, preset: str, real: torch.Tensor):
@@ -151,9 +154,15 @@ def model_config(args, module, preset: str, real: torch.Tensor):
     if set(overrides) & set(shape):
         raise UserError(f"--set {', '.join(set(overrides) & set(shape))}: set from the data, not from the command line")
     try:
-        return module.make_config(preset, **shape, **overrides)
+        cfg = module.make_config(preset, **shape, **overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
+    for field in ("batch", "sample_batch", "kimg", "pretrain_kimg"):  # what the loop divides by or trains for
+        value = getattr(cfg, field, 1)
+        if not (value > 0 and (isinstance(value, int) or field.endswith("kimg"))):
+            raise UserError(f"{field} {value!r}: give a positive {'number' if field.endswith('kimg') else 'integer'} "
+                            f"(--set {field}=...)")
+    return cfg
 
 
 def resolve(args, world: int, device: torch.device) -> Settings:
@@ -163,6 +172,8 @@ def resolve(args, world: int, device: torch.device) -> Settings:
         raise UserError("--lam lists a value twice")
     if args.iters < 0:
         raise UserError(f"--iters {args.iters} is negative; give 0 or more retraining iterations")
+    if args.kimg is not None and not args.kimg > 0:
+        raise UserError(f"--kimg {args.kimg:g}: give a positive number of thousands of images per iteration")
     module = importlib.import_module(args.model)
     preset, data_spec = choose_preset(args, device)
     if preset not in module.PRESETS:
@@ -180,6 +191,9 @@ def resolve(args, world: int, device: torch.device) -> Settings:
     regime = regimes.Regime(**{f: getattr(args, f) for f in regimes.FLAGS}).check(data_spec, real, lams, args.iters, whole)
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n = len(real)
+    if args.n_eval is not None and not 1 <= args.n_eval <= len(reference[0]):
+        raise UserError(f"--n-eval {args.n_eval}: the samples are measured against {len(reference[0])} real ones; "
+                        f"give 1 to {len(reference[0])}")
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(data_spec.rstrip('/'))}")
@@ -226,6 +240,28 @@ def lam_folder(out: str, lams: list, lam: float) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # The run folder: checkpoints, the initial model
+
+
+def set_aside(out: str) -> str | None:
+    """--force: an existing run folder moved aside to OUT.replaced rather than deleted, so that a new run that fails
+    before its iteration 0 can put it back (put_back)."""
+    if not os.path.exists(out):
+        return None
+    old = out.rstrip("/") + ".replaced"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    return old
+
+
+def put_back(old: str | None, out: str | None) -> None:
+    """The folder set aside back in out's place (the new run's folder removed), or deleted when out is None."""
+    if old is None:
+        return
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(old, out)
+    else:
+        shutil.rmtree(old)
 
 
 def save_atomic(obj, path: str) -> None:

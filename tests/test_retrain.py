@@ -408,6 +408,61 @@ def test_bad_input_one_line_and_folder_untouched(tmp_path, existing_run, capsys,
     assert folder_digest(existing_run) == before
 
 
+BAD_IMAGES = {  # checked before the run starts, whatever the model: the folder given with --force is kept
+    "non-positive kimg": (["--kimg", "-1"], "--kimg -1"),
+    "more real images than the data holds": (["--n-real", "99999"], "holds 1797 images"),
+    "no samples evaluated": (["--n-eval", "0"], "--n-eval 0"),
+    "more samples evaluated than real ones": (["--n-eval", "2000"], "--n-eval 2000"),
+    "batch 0": (["--set", "batch=0"], "batch 0"),
+    "negative learning rate": (["--set", "lr=-1"], "Invalid learning rate"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_settings_one_line_and_the_forced_folder_kept(tmp_path, existing_run, capsys, case):
+    extra, needle = BAD_IMAGES[case]
+    before = folder_digest(existing_run)
+    capsys.readouterr()
+    code = run(existing_run, "--model", "ddpm", "--data", "digits", "--force", *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("retrain.py: error:") and needle in err[0], err
+    assert folder_digest(existing_run) == before
+
+
+def test_force_puts_the_old_run_back_when_the_new_one_fails(tmp_path, existing_run, capsys):
+    """--force moves the old run aside; a new run that fails before its iteration 0 (here: metrics that need
+    labels, on unlabelled vectors) puts it back; one that gets there replaces it."""
+    argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", 30, "--lam", 1, "--force"]
+    before = folder_digest(existing_run)
+    assert run(existing_run, *argv, "--iters", 2, "--metrics", "classifier") == 2
+    assert "labelled" in capsys.readouterr().err
+    assert folder_digest(existing_run) == before and not (tmp_path / "existing.replaced").exists()
+    assert run(existing_run, *argv, "--iters", 1) == 0
+    assert len(metrics(existing_run / "metrics.jsonl")) == 2 and not (tmp_path / "existing.replaced").exists()
+
+
+def test_an_unwritable_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    def refuse(obj, path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(retrain, "save_atomic", refuse)
+    assert run(tmp_path / "r", "--model", "gaussian", "--data", "gaussian", "--n-real", 30, "--iters", 1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "config.json" in err[0] and "Permission denied" in err[0]
+
+
+def test_the_run_ends_with_a_summary_and_where_its_files_are(tmp_path, capsys):
+    assert run(tmp_path / "r", "--model", "gaussian", "--data", "gaussian", "--n-real", 30, "--lam", 0, "inf",
+               "--iters", 2) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    h = {lam: metrics(tmp_path / "r" / f"lam_{lam}" / "metrics.jsonl") for lam in ("0", "inf")}
+    assert lines[-4].startswith("retrain.py: done in") and "iteration 0 -> 2" in lines[-4]
+    for line, lam in zip(lines[-3:-1], ("0", "inf")):
+        assert line.split(":")[0].split() == ["lam", lam]
+        assert f"fd {h[lam][0]['fd']:.4g} -> {h[lam][2]['fd']:.4g}" in line
+    assert f"{tmp_path / 'r'}/: metrics.png" in lines[-1] and "lam_*/metrics.jsonl" in lines[-1]
+
+
 def test_set_reads_tuples_as_json_and_says_so_when_it_cannot():
     import ddpm
 
@@ -424,3 +479,19 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("script", ["retrain", "fid", "bench", "reproduce", "ddpm", "edm", "otcfm",
+                                    "gaussian", "data", "classifier"])
+def test_every_script_has_a_working_help(script, monkeypatch, capsys):
+    """`python FILE.py --help` of every file with a command line prints its usage and exits 0."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    try:
+        runpy.run_path(str(REPO / f"{script}.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("usage:") and "(default: None)" not in out, out[:300]
