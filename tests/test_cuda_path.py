@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ddp_models
 import jobs
 import retrain
+import training
 from ranks import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,16 +102,16 @@ def test_cuda_profile_resolves_and_agrees_with_float32(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_training_steps_never_wait_for_the_device(name, monkeypatch):
-    """20 steps of retrain.train in the CUDA profile: the only host syncs are the loop's loss reads, one per
+    """20 steps of training.train in the CUDA profile: the only host syncs are the loop's loss reads, one per
     LOSS_EVERY steps (the old loop read the loss at every step, and EDM all-reduced it there).
     OT-CFM's exact pairing reads its cost matrix on the host by design (scipy's assignment solver, as
     torchcfm's POT): a device-to-host copy that the CPU cannot see, not counted here."""
-    monkeypatch.setattr(retrain, "LOSS_EVERY", 10)
+    monkeypatch.setattr(training, "LOSS_EVERY", 10)
     module, cfg = tiny(name, **CUDA_PROFILE)
     model = module.Model(cfg, "cpu")
     train_set = (torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     with OpCounter() as counter:
-        stats = retrain.train(model, train_set, kimg=20 * cfg.batch / 1000, cfg=cfg, seed=0, it=1, progress=False,
+        stats = training.train(model, train_set, kimg=20 * cfg.batch / 1000, cfg=cfg, seed=0, it=1, progress=False,
                               desc="")
     assert stats["steps"] == 20 and np.isfinite(stats["loss"])
     assert counter.syncs == ["aten._local_scalar_dense"] * 2, counter.syncs

@@ -21,6 +21,7 @@ import gaussian
 import otcfm
 import regimes
 import retrain
+import training
 from test_retrain import folder_digest, mean_module
 
 TINY_DDPM = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", 64, "--metrics", "pixel",
@@ -164,7 +165,7 @@ def test_each_regime_trains_on_what_it_names(tmp_path, monkeypatch, pool, real):
             if real == "fixed":
                 assert torch.equal(x[:n], real0)
             else:  # new draws, none of them seen before
-                assert torch.equal(x[:n], gaussian.make_data(2, n, seed=regimes.regime_seed(retrain.train_seed(0, t), regimes.FRESH_REAL)))
+                assert torch.equal(x[:n], gaussian.make_data(2, n, seed=regimes.regime_seed(training.train_seed(0, t), regimes.FRESH_REAL)))
                 assert not any(rows_in(x[:1], earlier) for earlier in real_sets)
                 real_sets.append(x[:n])
         available = torch.cat(kept[t - 1:t] if pool == "replace" else kept[:t])

@@ -20,6 +20,7 @@ import data
 import gaussian
 import retrain
 import settings
+import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,10 +107,10 @@ def test_each_iteration_trains_on_real_plus_previous_samples(tmp_path, monkeypat
 def test_samples_depend_only_on_their_seed(tmp_path):
     m = gaussian.Model(gaussian.make_config("small"))
     m.fit(gaussian.make_data(2, 100))
-    a = retrain.sample(m, 50, seed=1, it=4, chunk=7, is_image=False, progress=False)
-    b = retrain.sample(m, 20, seed=1, it=4, chunk=20, is_image=False, progress=False)
+    a = training.sample(m, 50, seed=1, it=4, chunk=7, is_image=False, progress=False)
+    b = training.sample(m, 20, seed=1, it=4, chunk=20, is_image=False, progress=False)
     assert torch.equal(a[:20], b)
-    assert not torch.equal(a[:20], retrain.sample(m, 20, seed=1, it=5, chunk=20, is_image=False, progress=False))
+    assert not torch.equal(a[:20], training.sample(m, 20, seed=1, it=5, chunk=20, is_image=False, progress=False))
 
 
 def test_initial_weights_follow_the_seed(tmp_path):
@@ -129,7 +130,7 @@ def test_initial_weights_follow_the_seed(tmp_path):
 def test_uint8_quantization_matches_png_rounding():
     x = torch.tensor([-1.0, -0.99, 0.0, 0.5, 1.0, 1.3, -2.0])
     expect = torch.tensor([0, 1, 128, 191, 255, 255, 0], dtype=torch.uint8)  # round(127.5 x + 127.5), clipped
-    assert torch.equal(retrain.to_uint8(x), expect)
+    assert torch.equal(training.to_uint8(x), expect)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,11 +191,11 @@ def test_training_budget_batches_and_flips(tmp_path, meanmodel):
     real = data.load_images("digits", n=50)
     mod = sys.modules["meanmodel"]
     m = MeanModel(mod.Config())
-    stats = retrain.train(m, real, 0.16, m.cfg, seed=0, it=1, progress=False, desc="")
+    stats = training.train(m, real, 0.16, m.cfg, seed=0, it=1, progress=False, desc="")
     assert stats["steps"] == len(m.batches) == 10  # 160 images / batch 16
     seen = torch.cat(m.batches)
     assert seen.shape == (160, 1, 8, 8) and seen.min() >= -1 and seen.max() <= 1
-    as_u8 = retrain.to_uint8(seen)
+    as_u8 = training.to_uint8(seen)
     flipped = sum(not any(torch.equal(img, r) for r in real) for img in as_u8)
     assert all(any(torch.equal(img, r) or torch.equal(img.flip(2), r) for r in real) for img in as_u8)
     assert 40 < flipped < 120  # about half the images are mirrored (some digits are symmetric)

@@ -11,6 +11,7 @@ import torch
 import jobs
 import retrain
 import settings
+import training
 from test_retrain import mean_module, metrics, run
 
 TOY = ["--model", "meanmodel", "--data", "digits", "--n-real", 50, "--lam", 1, "--iters", 1, "--metrics", "pixel"]
@@ -104,7 +105,7 @@ def test_busy_cores_reads_the_cpu_time_spent_now_on_this_process_cores(monkeypat
 
 def test_the_run_says_its_time_once(capsys):
     """estimate = steps x measured s/step + samples x measured s/sample, summed over the work to come."""
-    clock = retrain.RunClock(per_sample=0.01, probe=64, work=[("pretraining", 600, 1000), ("lam 1: 20 iterations",
+    clock = training.RunClock(per_sample=0.01, probe=64, work=[("pretraining", 600, 1000), ("lam 1: 20 iterations",
                                                                                           20 * 100, 20 * 1000)])
     clock.first_steps(0.05, 25, 0)
     clock.first_steps(0.5, 25, 1)  # said once only
@@ -114,12 +115,12 @@ def test_the_run_says_its_time_once(capsys):
     assert text.count("estimate:") == 1 and "estimate: 5.7 min in all, pretraining 0.7 min + lam 1: 20 iterations 5.0 min" in text
 
 
-@pytest.mark.parametrize("budget, probe", [(retrain.PROBE_SECONDS, 100), (0.0, 64)])
+@pytest.mark.parametrize("budget, probe", [(training.PROBE_SECONDS, 100), (0.0, 64)])
 def test_the_sampler_is_timed_at_its_own_batch_size_when_cheap(tmp_path, meanmodel, capsys, monkeypatch, budget,
                                                                 probe):
     """150 samples per iteration in batches of 100 (the toy's sample_batch): the clock times a batch of 100, the
     size the iterations use, unless a batch of 64 already says it would take more than PROBE_SECONDS."""
-    monkeypatch.setattr(retrain, "PROBE_SECONDS", budget)
+    monkeypatch.setattr(training, "PROBE_SECONDS", budget)
     assert run(tmp_path, *TOY[:4], "--n-real", 150, *TOY[6:]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("estimate:"))
     assert f"ms/sample over {probe} samples" in line
@@ -129,7 +130,7 @@ def test_the_estimate_comes_within_the_first_steps(tmp_path, meanmodel, capsys, 
     """In a real run the estimate line comes after the first 2 x LOSS_EVERY steps of pretraining (timed on the
     second LOSS_EVERY: the first pay one-time costs), before iteration 0
     ends, and counts the pretraining and every lambda's iterations."""
-    monkeypatch.setattr(retrain, "LOSS_EVERY", 5)
+    monkeypatch.setattr(training, "LOSS_EVERY", 5)
     model, calls = sys.modules["meanmodel"].Model, []
     step = model.train_step
 
