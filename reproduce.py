@@ -3,9 +3,10 @@
 A stage is a list of jobs, each one retrain.py command (all of them are listed in STAGES below); a job
 may wait for another: the digits' lambda runs start from their model's pretrained iteration 0. The jobs
 run as subprocesses (jobs.run_jobs), --jobs at a time with the CPU cores shared out between them, each
-logging into runs/reproduce/logs/NAME.log. Then the figures are drawn into results/ (figures.py) and the
-wall time is recorded in results/times.json. The commands carry --resume: rerun after an interruption and
-each run goes on after its last finished iteration; --restart deletes the stage's runs first.
+logging into runs/reproduce/logs/NAME.log (the threads: OMP_NUM_THREADS when set). Then the figures are
+drawn into results/ (figures.py); --record also writes the wall times into results/times.json. The commands
+carry --resume where their run is there already: rerun after an interruption and each run goes on after its
+last finished iteration; --restart deletes the stage's runs first.
 
     python reproduce.py all --jobs 2           # everything below, on 2 CPU cores (see README for the time)
     python reproduce.py theory                 # the Gaussian warm-up: contraction rate and collapse (minutes)
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--restart", action="store_true", help="delete the stage's runs first instead of resuming them")
     p.add_argument("--dry-run", action="store_true", help="print the commands and check that they parse")
     p.add_argument("--figures-only", action="store_true", help="redraw the figures from finished runs")
+    p.add_argument("--record", action="store_true", help="write the stages' wall times into results/times.json")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: give 1 or more")
@@ -169,7 +171,9 @@ def main(argv=None) -> int:
         resumed = any(os.path.exists(out) for out in outs) and not args.restart
         for out in outs if args.restart else []:
             shutil.rmtree(out, ignore_errors=True)
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        todo = [job if os.path.exists(out) else dataclasses.replace(job, argv=[a for a in job.argv if a != "--resume"])
+                for job, out in zip(todo, outs)]  # --resume continues a run, and refuses one that is not there
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // args.jobs)
         print(f"reproduce.py: {len(todo)} jobs, {args.jobs} at a time with {threads} thread(s) each; "
               f"logs in {RUNS}/logs/" + ("; finished iterations are kept (--restart to start over)" if resumed else ""))
         t0 = time.time()
@@ -194,9 +198,10 @@ def main(argv=None) -> int:
     if not args.figures_only:
         if args.stage == "all":  # the stages overlap in the pool; this is the whole wall time
             times["all"] = {"seconds": round(total, 1), "jobs": args.jobs, "date": time.strftime("%Y-%m-%d")}
-        print(f"reproduce.py: {total / 60:.1f} min")
-        with open(times_path, "w") as f:
-            json.dump(times, f, indent=2)
+        print(f"reproduce.py: {total / 60:.1f} min" + ("" if args.record else " (--record keeps it in results/times.json)"))
+        if args.record:
+            with open(times_path, "w") as f:
+                json.dump(times, f, indent=2)
     return 0
 
 

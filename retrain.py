@@ -266,6 +266,8 @@ def retrain_lambda(s: Settings, lam: float, ckpt0: dict, model, evaluate, clock=
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
     state = start_lambda(s, lam, n_gen, ckpt0, model, evaluate, reward)
     samples, history, pool = state["samples"], state["history"], state["pool"]
+    if state["iter"] >= s.iters and s.main:
+        print(f"lam {lab}: complete, iterations 0 to {state['iter']}; --resume with --iters above {state['iter']} extends it")
     lines = [json.dumps(r) + "\n" for r in history]  # metrics.jsonl, each record serialized once
     if s.main:
         save_atomic("".join(lines), os.path.join(folder, "metrics.jsonl"))
@@ -321,7 +323,7 @@ def run(args) -> None:
     rank, world, device = jobs.setup_device(args.device)
     threads = jobs.cpu_threads(args.threads, world) if device.type == "cpu" else jobs.plural(torch.get_num_threads(), "CPU thread")
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
-        s = resolve(args, world, device)
+        s = resolve(args, world, device, "python retrain.py " + shlex.join(argv_of(args, leave_out={"resume", "force"})))
         check_folder(s)
     with on_every_rank():
         torch.manual_seed(s.seed)  # the network's initial weights: the same on every rank and in every run
@@ -431,15 +433,12 @@ def lam_jobs(args, lams: list[float], device, world: int, features: str) -> int:
     return min(len(lams), torch.get_num_threads())
 
 
-def child_argv(args, lam: float, lam_dir: str, threads: int, cache: str) -> list[str]:
-    """The command line of one lambda of a sweep as its own run in lam_dir: every option the user gave (rebuilt
-    from args) but the sweep's own; it resumes from the iteration 0 placed in lam_dir, and finds the metrics'
-    classifier in the sweep's cache folder."""
-    own = {"lam", "out", "seed", "seeds", "threads", "lam_jobs", "resume", "force", "no_progress", "cache", "help"}
+def argv_of(args, leave_out=()) -> list[str]:
+    """The command line that gives `args`: every option that differs from its default, but those left out."""
     argv = []
     for action in build_parser()._actions:
         value = getattr(args, action.dest, action.default)
-        if action.dest in own or not action.option_strings or value == action.default:
+        if action.dest in {*leave_out, "help"} or not action.option_strings or value == action.default:
             continue
         flag = action.option_strings[-1]
         if action.nargs == 0:  # store_true
@@ -448,7 +447,26 @@ def child_argv(args, lam: float, lam_dir: str, threads: int, cache: str) -> list
             argv += [x for v in value for x in (flag, str(v))] if action.nargs is None else [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
-    return [*argv, "--lam", lam_label(lam), "--out", lam_dir, "--seed", str(args.seed), "--threads", str(threads),
+    return argv
+
+
+def continued(parser, argv: list[str]):
+    """The parsed command line; with --resume --out RUN, over the command line RUN was made with (its config.json):
+    `--resume --out RUN` alone continues the run, `--iters N` extends it, and another flag is checked against it."""
+    args = parser.parse_args(argv)
+    path = os.path.join(args.out or "", "config.json")
+    command = json.load(open(path)).get("command") if args.resume and args.out and os.path.exists(path) else None
+    if command:  # options not given now keep the run's values (argparse sets defaults only where none is set)
+        args = parser.parse_args(argv, namespace=parser.parse_args(shlex.split(command)[2:]))
+    return args
+
+
+def child_argv(args, lam: float, lam_dir: str, threads: int, cache: str) -> list[str]:
+    """The command line of one lambda of a sweep as its own run in lam_dir: every option the user gave but the
+    sweep's own; it resumes from the iteration 0 placed in lam_dir, and finds the metrics' classifier in the
+    sweep's cache folder."""
+    own = {"lam", "out", "seed", "seeds", "threads", "lam_jobs", "resume", "force", "no_progress", "cache"}
+    return [*argv_of(args, own), "--lam", lam_label(lam), "--out", lam_dir, "--seed", str(args.seed), "--threads", str(threads),
             "--cache", cache, "--resume", "--no-progress"]
 
 
@@ -488,6 +506,7 @@ def run_seeds(args) -> None:
     for seed in args.seeds:
         one = copy.copy(args)
         one.seed, one.seeds, one.out = seed, None, os.path.join(base, f"seed_{seed}")
+        one.resume = args.resume and os.path.exists(one.out)  # a seed not begun yet starts
         if rank_world()[0] == 0:
             print(f"retrain.py: seed {seed} of {', '.join(map(str, args.seeds))} -> {one.out}")
         run(one)
@@ -497,9 +516,7 @@ def run_seeds(args) -> None:
 
 def main(argv=None) -> int:
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        args = build_parser().parse_args(argv)
-        args.command = shlex.join(["python", "retrain.py", *argv])  # for config.json
+        args = continued(build_parser(), sys.argv[1:] if argv is None else list(argv))
         if args.seeds:
             run_seeds(args)
         else:

@@ -165,8 +165,8 @@ def model_config(args, module, preset: str, real: torch.Tensor):
     return cfg
 
 
-def resolve(args, world: int, device: torch.device) -> Settings:
-    """Everything the run will use, and config.json's content."""
+def resolve(args, world: int, device: torch.device, command: str | None = None) -> Settings:
+    """Everything the run will use, and config.json's content (command: the command line that makes this run)."""
     lams = [parse_lam(s) for s in args.lam]
     if len(set(lams)) != len(lams):
         raise UserError("--lam lists a value twice")
@@ -197,7 +197,7 @@ def resolve(args, world: int, device: torch.device) -> Settings:
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(data_spec.rstrip('/'))}")
-    config = {"command": getattr(args, "command", None),  # as typed (retrain.main); the rest as resolved
+    config = {"command": command,
               "model": args.model, "preset": preset, "data": data_spec, "n_real": n, "n_reference": len(reference[0]),
               "n_eval": n_eval, "lams": [lam_label(lam) for lam in lams], "iters": args.iters, "kimg": kimg,
               **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics, "world_size": world,
@@ -218,12 +218,19 @@ def check_folder(s: Settings) -> None:
             saved = json.load(f)
         old = {**regimes.DEFAULTS, "n_reference": saved.get("n_real"), **saved}  # older runs: the paper's loop,
         new = json.loads(json.dumps(s.config))  # measured against their real set
+        differ = []
         for key in new:
             if key in ("world_size", "device") and old.get(key) != new[key] and s.main:
                 print(f"retrain.py: --resume with {key} {new[key]} (the run began with {old.get(key)})")
             elif key not in ("command", "iters", "started", "versions", "world_size", "device") and old.get(key) != new[key]:
-                raise UserError(f"--resume: {key} differs from the run in '{s.out}' ({old.get(key)!r} there, {new[key]!r} "
-                                "now); use another --out, or --force to start over")
+                pairs = ([(f"{key}.{k}", old[key].get(k), new[key].get(k)) for k in new[key] if old[key].get(k) != new[key][k]]
+                         if isinstance(old.get(key), dict) and isinstance(new[key], dict) else [(key, old.get(key), new[key])])
+                differ += [f"{name} {a!r} there, {b!r} now" for name, a, b in pairs]
+        if differ:
+            raise UserError(f"--resume: the run in '{s.out}' has other settings: {'; '.join(differ)} (use another --out, "
+                            "or --force to start over)")
+    elif args.resume and not os.path.exists(s.out):
+        raise UserError(f"--resume: there is no run in '{s.out}' (without --resume, a run starts there)")
     elif (os.path.exists(s.out) and os.listdir(s.out) and not args.force
           and not (args.resume and os.path.exists(os.path.join(s.out, "iter0.pt")))):  # a sweep's lambda, side by side
         raise UserError(f"run folder '{s.out}' exists; add --resume to continue it or --force to start over")

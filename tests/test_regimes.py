@@ -318,7 +318,7 @@ BAD = {
     "no real data and lam 0": (["--model", "gaussian", "--data", "gaussian", "--n-real", 30, "--lam", 0, 1, "--iters", 2,
                                 "--force", "--real", "none"], "nothing to train"),
     "unknown pool": ([*GAUSS, "--force", "--pool", "keep"], "--pool"),
-    "resume with another regime": ([*GAUSS, "--resume", "--pool", "accumulate"], "pool differs"),
+    "resume with another regime": ([*GAUSS, "--resume", "--pool", "accumulate"], "pool 'replace' there, 'accumulate' now"),
 }
 
 

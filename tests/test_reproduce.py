@@ -116,7 +116,7 @@ FAKE = """import os, sys
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "threads.txt"), "w") as f:
-    f.write(os.environ["OMP_NUM_THREADS"])
+    f.write(os.environ["OMP_NUM_THREADS"] + (" resumed" if "--resume" in sys.argv else ""))
 print("ran", out)
 sys.exit(3 if "--lam" in sys.argv else 0)
 """
@@ -124,27 +124,35 @@ sys.exit(3 if "--lam" in sys.argv else 0)
 
 def test_a_stage_runs_its_jobs_and_records_its_time(tmp_path, monkeypatch, capsys):
     """A made-up stage of two commands that parse as retrain.py's (the second waits for the first): each runs with
-    the CPU cores shared out as OMP_NUM_THREADS and logs into RUNS/logs/NAME.log; the stage's figures are drawn
-    and its time written to times.json, marked resumed when its runs were there already. A failing job stops
-    the stage with its exit code."""
+    the CPU cores shared out as OMP_NUM_THREADS (the user's, when set) and logs into RUNS/logs/NAME.log, with
+    --resume only where its run is there already; the stage's figures are drawn and, with --record, its time
+    written to times.json, marked resumed when its runs were there already. A failing job stops the stage with
+    its exit code."""
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
     monkeypatch.setattr(reproduce, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
-    stage = [reproduce.retrain_job("one", f"python {script} --model gaussian --out {tmp_path}/one"),
-             reproduce.retrain_job("two", f"python {script} --model gaussian --out {tmp_path}/two", after="one")]
+    stage = [reproduce.retrain_job("one", f"python {script} --resume --model gaussian --out {tmp_path}/one"),
+             reproduce.retrain_job("two", f"python {script} --resume --model gaussian --out {tmp_path}/two", after="one")]
     monkeypatch.setattr(reproduce, "STAGES", {"theory": stage})
     monkeypatch.setattr(reproduce, "FIGURES", {"theory": lambda: ["results/made.png"]})
     threads = str(max(1, (os.cpu_count() or 1) // 2))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for resumed in (False, True):
-        assert reproduce.main(["theory", "--jobs", "2"]) == 0
-        assert [(tmp_path / run / "threads.txt").read_text() for run in ("one", "two")] == [threads, threads]
+        assert reproduce.main(["theory", "--jobs", "2", "--record"]) == 0
+        said = threads + (" resumed" if resumed else "")
+        assert [(tmp_path / run / "threads.txt").read_text() for run in ("one", "two")] == [said, said]
         assert f"ran {tmp_path}/two" in (tmp_path / "runs" / "logs" / "two.log").read_text()
         times = json.load(open(tmp_path / "results" / "times.json"))["theory"]
         assert times["figures"] == ["results/made.png"] and times["jobs"] == 2 and times["threads"] == int(threads)
         assert times["resumed"] == resumed and times["seconds"] > 0
     out = capsys.readouterr().out
     assert "start one" in out and "done  two" in out and "theory: results/made.png" in out
+    recorded = (tmp_path / "results" / "times.json").read_text()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert reproduce.main(["theory", "--jobs", "2"]) == 0  # without --record: times.json as it was
+    assert (tmp_path / "results" / "times.json").read_text() == recorded
+    assert (tmp_path / "one" / "threads.txt").read_text() == "3 resumed"
     stage.append(reproduce.retrain_job("three", f"python {script} --lam 1 --out {tmp_path}/three"))
     assert reproduce.main(["theory"]) == 3
     assert f"three stopped with exit code 3; see {tmp_path}/runs/logs/three.log" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -257,14 +258,27 @@ def test_no_progress_bars_when_the_output_is_not_a_terminal(tmp_path, capsys):
     assert "sample it" not in out.err + out.out and "iter   2 lam    1" in out.out
 
 
-def test_config_records_the_command_line(tmp_path):
-    """config.json holds the command as typed; resuming with another command line (more iterations) is allowed."""
-    argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", "30", "--lam", "1", "--iters", "1",
-            "--out", str(tmp_path / "r"), "--no-progress"]
+def test_a_run_folder_describes_itself_and_resume_needs_only_the_folder(tmp_path, capsys):
+    """config.json holds the command line that makes the run; `--resume --out RUN` alone continues it, --iters extends
+    it, a finished run says so, a conflicting flag is named in one line, and a missing RUN is an error."""
+    out = str(tmp_path / "r")
+    argv = ["--model", "gaussian", "--data", "gaussian", "--n-real", "30", "--lam", "0.5", "--iters", "1",
+            "--pool", "accumulate", "--set", "init_mean_shift=1", "--out", out, "--no-progress"]
     assert retrain.main(argv) == 0
-    assert json.load(open(tmp_path / "r" / "config.json"))["command"] == "python retrain.py " + " ".join(argv)
-    assert retrain.main([*argv, "--resume", "--iters", "2"]) == 0
-    assert len(metrics(tmp_path / "r" / "metrics.jsonl")) == 3
+    command = json.load(open(tmp_path / "r" / "config.json"))["command"]
+    again = retrain.build_parser().parse_args(shlex.split(command)[2:])
+    assert vars(again) == vars(retrain.build_parser().parse_args(argv))
+    capsys.readouterr()
+    assert retrain.main(["--resume", "--out", out, "--no-progress"]) == 0
+    assert "lam 0.5: complete, iterations 0 to 1; --resume with --iters above 1 extends it" in capsys.readouterr().out
+    assert retrain.main(["--resume", "--out", out, "--iters", "3", "--no-progress"]) == 0
+    h = metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["iter"] for r in h] == [0, 1, 2, 3] and h[3]["n_synth"] == 3 * 15  # accumulate kept from the command
+    assert retrain.main(["--resume", "--out", out, "--n-real", "40", "--set", "init_mean_shift=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n_real 30 there, 40 now" in err[0] and "model_config.init_mean_shift 1.0 there, 2.0 now" in err[0]
+    assert retrain.main(["--resume", "--out", str(tmp_path / "typo"), "--model", "gaussian"]) == 2
+    assert "no run in" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 def test_resume_after_kill_gives_identical_metrics(tmp_path):
