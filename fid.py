@@ -480,6 +480,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = CFG.eps, method: str
         return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
     if method != "sqrtm":
         raise ValueError(f"method must be sqrtm or eigh, not '{method}'")
+    if len(sigma1) >= 1024:  # a long wait is said before it starts
+        print(f"fid: scipy's sqrtm of {len(sigma1)}x{len(sigma1)} matrices takes a minute or more on a CPU "
+              "(--fd eigh: seconds)", file=sys.stderr)
     with warnings.catch_warnings():  # singular products are handled below (pytorch-fid: disp=False)
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -725,15 +728,19 @@ def _cmd_ref(args, net) -> dict:
 def _cmd_calc(args, net) -> dict:
     from data import load_images
 
+    if len(args.images) > 2 or (len(args.images) == 2 and (args.data or args.ref)):
+        raise ValueError("calc takes IMAGES and a reference: a second image set (as pytorch-fid), or --ref / --data")
+    if len(args.images) == 2:  # pytorch-fid's form: calc A B, B the reference
+        args.data = args.images[1]
     if args.ref is None and args.data is None:
-        raise ValueError("calc needs --ref REF.npz and/or --data SPEC to compare against")
+        raise ValueError("calc needs a reference: a second image set, --ref REF.npz and/or --data SPEC")
     if args.data is not None:  # (re)computes the reference, cached in --ref when given, checked against it
         real = load_images(args.data, root=args.root, n=args.n_ref)
         split = args.split or ("train" if args.data == "cifar10" else "all")
         ref = reference(real, args.data, args.ref, net, args.device, split, args.batch)
     else:  # only the feature extractor can be checked
         ref = load_reference(args.ref, _extractor(net))
-    fake = load_images(args.images, root=args.root, n=args.n)
+    fake = load_images(args.images[0], root=args.root, n=args.n)
     feats = _features_of(fake, net, args)
     mu, sigma = feature_stats(feats)
     fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method=args.fd)
@@ -759,7 +766,8 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True, help="output .npz")
     r.add_argument("--n", type=int, default=None, help="use the first n images")
     c = sub.add_parser("calc", parents=[common], help="FID, precision, recall of IMAGES vs a reference")
-    c.add_argument("images", help="generated images: folder | .zip | .npz/.npy")
+    c.add_argument("images", nargs="+", metavar="IMAGES", help="generated images (folder | .zip | .npz/.npy), and "
+                   "optionally the reference set after them, as pytorch-fid takes two sets")
     c.add_argument("--ref", default=None, help="reference .npz (written by 'ref', or cached here with --data)")
     c.add_argument("--data", default=None, help="reference dataset (checked against --ref when both are given)")
     c.add_argument("--n", type=int, default=None, help="use the first n generated images")
