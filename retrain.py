@@ -59,7 +59,7 @@ import regimes
 from figures import plot_metrics, save_grid
 from jobs import UserError, barrier, on_every_rank, rank_world
 from metrics import Evaluator, summarize_seeds
-from training import run_clock, sample, train, train_seed
+from training import Snapshots, run_clock, sample, train, train_seed
 from settings import (CKPT_FORMAT, N_EVAL_PAPER, Settings, check_folder, init_path, lam_folder, lam_label,
                       load_checkpoint, load_init, put_back, resolve, save_atomic, set_aside)
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="folder of pretrained iterations 0 reused across runs "
                    "(default: 'cache' beside the --out folder)")
     p.add_argument("--no-cache", action="store_true", help="train iteration 0 again even when the cache has it")
+    p.add_argument("--save-every", type=float, default=10.0, metavar="MIN",
+                   help="minutes of pretraining between snapshots of its state (pretrain.pt), which --resume goes on "
+                   "from; 0: none")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (same as --set compile=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are drawn only when stderr is a terminal)")
     r = p.add_argument_group("self-consuming regimes beyond the paper (regimes.py; the defaults are the paper's loop)")
@@ -211,7 +214,8 @@ def iteration_zero(s: Settings, model, evaluate, how: str | None, cache: str | N
         if s.main:
             print(f"iteration 0: training from scratch on {len(s.real)} real {'images' if s.is_image else 'points'}"
                   + (f" for {kimg:g} kimg ({steps} steps of {cfg.batch})" if steps else " (closed form)"))
-        how = "pretrain " + json.dumps(train(model, s.real, kimg, cfg, s.seed, 0, s.progress, "pretrain", clock))
+        snapshots = Snapshots(os.path.join(s.out, "pretrain.pt"), s.args.save_every) if s.args.save_every > 0 else None
+        how = "pretrain " + json.dumps(train(model, s.real, kimg, cfg, s.seed, 0, s.progress, "pretrain", clock, snapshots))
     samples = sample(model, max(s.n_gen.values()), s.seed, 0, cfg.sample_batch, s.is_image, s.progress)
     rec = record(s, evaluate, model, 0, s.lams[0], time.time() - t0, samples, {"nfe": model.nfe})
     ckpt0 = {"format": CKPT_FORMAT, "model": s.model, "config": dataclasses.asdict(cfg), "iter": 0,
@@ -221,6 +225,8 @@ def iteration_zero(s: Settings, model, evaluate, how: str | None, cache: str | N
         if cache is not None:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             save_atomic(ckpt0, cache)
+        if os.path.exists(os.path.join(s.out, "pretrain.pt")):  # iteration 0 is whole: its snapshot is spent
+            os.remove(os.path.join(s.out, "pretrain.pt"))
         print(log_line(rec))
     return ckpt0
 
@@ -344,8 +350,8 @@ def run(args) -> None:
     old = set_aside(s.out) if s.main and args.force and not args.resume else None
     try:  # --force: the old run is deleted once the new one has its iteration 0, and put back if it fails before
         evaluate, n_jobs, clock, ckpt0 = start_run(s, model, how, threads)
-    except BaseException:
-        put_back(old, s.out)
+    except BaseException:  # (a pretraining snapshot is worth keeping: then the new run is kept)
+        put_back(old, None if os.path.exists(os.path.join(s.out, "pretrain.pt")) else s.out)
         raise
     put_back(old, None)
     if n_jobs > 1:
@@ -529,7 +535,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("retrain.py: interrupted; rerun with --resume to continue after the last completed iteration", file=sys.stderr)
+        print("retrain.py: interrupted; --resume --out RUN goes on after the last completed iteration, or in iteration 0 "
+              "from pretraining's last snapshot (--save-every)", file=sys.stderr)
         return 130
     return 0
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from jobs import UserError, rank_world
-from settings import Settings, lam_folder, lam_label
+from settings import Settings, lam_folder, lam_label, save_atomic
 
 LOSS_EVERY = 25  # training steps between reads of the loss: the one host synchronisation of the training loop
 PROBE_SECONDS = 10.0  # the run's clock times one whole sampling batch when a batch of 64 says it takes less than this
@@ -45,11 +45,12 @@ def train_seed(seed: int, it: int) -> int:
 # Training and sampling
 
 
-def batch_plan(n: int, batch: int, steps: int, gen: torch.Generator, device):
+def batch_plan(n: int, batch: int, steps: int, gen: torch.Generator, device, start: tuple | None = None):
     """The training batches as blocks of LOSS_EVERY steps, each one copy to the device: (indices (k, batch),
-    flips (k, batch)). Epoch by epoch without replacement; the same on every rank (gen is shared)."""
-    order, pos = torch.randperm(n, generator=gen), 0
-    for first in range(0, steps, LOSS_EVERY):
+    flips (k, batch), the plan's state after them: (steps done, order, pos)). Epoch by epoch without replacement;
+    the same on every rank (gen is shared). start: such a state to go on from (with gen's state of that time)."""
+    done, order, pos = start or (0, torch.randperm(n, generator=gen), 0)
+    for first in range(done, steps, LOSS_EVERY):
         idx, flips = [], []
         for _ in range(min(LOSS_EVERY, steps - first)):
             take = []  # this step's indices, continuing into the next epoch when this one runs out
@@ -61,16 +62,17 @@ def batch_plan(n: int, batch: int, steps: int, gen: torch.Generator, device):
                 pos += k
             idx.append(torch.cat(take))
             flips.append(torch.rand(batch, generator=gen) < 0.5)
-        yield torch.stack(idx).to(device), torch.stack(flips).to(device)
+        yield torch.stack(idx).to(device), torch.stack(flips).to(device), (first + len(idx), order, pos)
 
 
 def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, progress: bool, desc: str,
-          clock=None) -> dict:
+          clock=None, snapshots=None) -> dict:
     """Train `model` on `train_set` (uint8 images, or float vectors) for `kimg` thousand images seen.
 
     Under torchrun each rank trains on its slice of the same global batch. The step itself never waits for the
     device: the loss stays there and is read (averaged over ranks, checked finite) every LOSS_EVERY steps; the
-    second such window times the run for `clock` (RunClock: the first pays one-time costs, up to 1.6x)."""
+    second such window times the run for `clock` (RunClock: the first pays one-time costs, up to 1.6x). With
+    `snapshots` (Snapshots), the training goes on from its last snapshot, and takes new ones as it goes."""
     if hasattr(model, "fit"):  # closed form (gaussian.py): one fit on the whole set
         model.fit(train_set.float() / 127.5 - 1 if train_set.dtype == torch.uint8 else train_set)
         return {"steps": 0}
@@ -79,11 +81,11 @@ def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, 
     gen = torch.Generator().manual_seed(train_seed(seed, it))  # batch indices and flips: the same on every rank
     steps = max(1, round(kimg * 1000 / cfg.batch))
     mine = slice(rank * (cfg.batch // world), (rank + 1) * (cfg.batch // world))
-    total = 0.0
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for first, (idx, flips) in zip(range(0, steps, LOSS_EVERY), batch_plan(len(train_set), cfg.batch, steps, gen,
-                                                                            train_set.device)):
-        t_window, losses = time.time(), []
+    start, total = snapshots.restore(model, gen, steps) if snapshots else (None, 0.0)
+    bar = tqdm(total=steps, initial=start[0] if start else 0, desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for idx, flips, plan in batch_plan(len(train_set), cfg.batch, steps, gen, train_set.device, start):
+        first, t_window, losses = plan[0] - len(idx), time.time(), []
         for j in range(len(idx)):
             x = train_set[idx[j, mine]].float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
             if cfg.xflip:
@@ -101,6 +103,8 @@ def train(model, train_set: torch.Tensor, kimg: float, cfg, seed: int, it: int, 
         bar.set_postfix(loss=f"{window / len(idx):.4f}", refresh=False)
         if clock is not None and (first == LOSS_EVERY or first + len(idx) >= steps):
             clock.first_steps((time.time() - t_window) / len(idx), len(idx), it)
+        if snapshots and plan[0] < steps:
+            snapshots.take(model, gen, steps, plan, total)
     bar.close()
     return {"steps": steps, "loss": total / steps}
 
@@ -179,3 +183,49 @@ def run_clock(s: Settings, model, lams: list, pretraining: bool) -> RunClock | N
     if batch > probe and per_sample * batch < PROBE_SECONDS:
         probe, per_sample = batch, seconds_per_sample(batch)
     return RunClock(per_sample, probe, work)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Snapshots of a long training run: what --resume goes on from during iteration 0
+
+
+class Snapshots:
+    """Every `minutes` of training, the whole state of the run in `path` (atomically): the model's state (weights,
+    EMA, optimizer, step), the batch plan's, every process's random generators and the loss so far, so that a
+    run killed midway goes on from there and ends as if never stopped."""
+
+    def __init__(self, path: str, minutes: float):
+        self.path, self.every, self.last = path, minutes * 60, time.time()
+
+    def take(self, model, gen: torch.Generator, steps: int, plan: tuple, total: float) -> None:
+        due = [time.time() - self.last >= self.every]
+        if dist.is_initialized():
+            dist.broadcast_object_list(due, src=0)  # rank 0's clock decides for every rank
+        if not due[0]:
+            return
+        rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)]
+        if dist.is_initialized():  # every process's: each draws its own noise
+            mine, rngs = rngs[0], [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, mine)
+        if rank_world()[0] == 0:
+            save_atomic({"steps": steps, "plan": plan, "gen": gen.get_state(), "rngs": rngs, "total": total,
+                         "model": model.state_dict()}, self.path)
+        self.last = time.time()
+
+    def restore(self, model, gen: torch.Generator, steps: int) -> tuple[tuple | None, float]:
+        """(the batch plan's state, the loss so far) of the last snapshot, its state set in model, gen and the random
+        generators; (None, 0.0) when there is none of this training run and process count."""
+        if not os.path.exists(self.path):
+            return None, 0.0
+        s = torch.load(self.path, map_location="cpu", weights_only=True)
+        rank, world = rank_world()
+        if s["steps"] != steps or len(s["rngs"]) != world:
+            return None, 0.0
+        model.load_state_dict(s["model"])
+        gen.set_state(s["gen"])
+        torch.set_rng_state(s["rngs"][rank][0])
+        if s["rngs"][rank][1] is not None:
+            torch.cuda.set_rng_state(s["rngs"][rank][1])
+        if rank == 0:
+            print(f"training: going on from the snapshot after step {s['plan'][0]} of {steps} ({self.path})")
+        return s["plan"], s["total"]

@@ -306,6 +306,35 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
     assert len(a) == len(b) == 61 and a == b
 
 
+def test_pretraining_killed_midway_goes_on_from_its_snapshot(tmp_path, capsys):
+    """Iteration 0's pretraining, killed (SIGKILL) after a snapshot, goes on from it with --resume --out alone and
+    ends with the records of a run never interrupted; the snapshot is removed once iteration 0 is whole."""
+    argv = ["--model", "ddpm", "--preset", "small", "--data", "digits", "--n-real", "48", "--set", "batch=16",
+            "--set", "hid_channels=16", "--set", "sample_steps=2", "--set", "pretrain_kimg=6.4", "--set", "kimg=0.032",
+            "--lam", "1", "--iters", "1", "--metrics", "pixel", "--no-cache", "--save-every", "0.0001"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, str(REPO / "retrain.py"), *argv, "--no-progress", "--out", str(killed)],
+                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "pretrain.pt").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)  # a few windows later: not the very first snapshot
+    p.kill()
+    p.wait()
+    assert (killed / "pretrain.pt").exists() and not (killed / "iter0.pt").exists(), "killed in pretraining"
+    capsys.readouterr()
+    assert run(killed, "--resume") == 0
+    said = capsys.readouterr().out
+    assert "training: going on from the snapshot after step" in said and not (killed / "pretrain.pt").exists()
+    assert run(tmp_path / "full", *argv) == 0
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    a, b = strip(metrics(killed / "metrics.jsonl")), strip(metrics(tmp_path / "full" / "metrics.jsonl"))
+    assert len(a) == 2 and a == b
+    assert retrain.load_checkpoint(str(killed / "iter0.pt"))["how"] == retrain.load_checkpoint(
+        str(tmp_path / "full" / "iter0.pt"))["how"]  # the pretraining loss over all 400 steps
+
+
 def test_lambdas_side_by_side_equal_one_after_another(tmp_path, capsys, digits_cache):
     """--lam-jobs 2: after iteration 0 each lambda runs in its own process (one thread each here, as the sequential
     sweep): the same records, bit for bit, and the comparison plot; the children's iteration lines are relayed.
