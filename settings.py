@@ -49,15 +49,16 @@ def parse_lam(s: str) -> float:
     return lam
 
 
-def parse_overrides(items: list[str], cfg_cls) -> dict:
-    """--set FIELD=VALUE pairs, each value converted to the type of the field's default."""
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+def parse_overrides(items: list[str], base) -> dict:
+    """--set FIELD=VALUE pairs, each value converted to the type of the field's value in `base` (a Config, the
+    preset's, or the Config class: its defaults)."""
+    fields = {f.name: f for f in dataclasses.fields(base)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise UserError(f"--set {item}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        default = fields[key].default
+        default = getattr(base, key)
         try:
             if isinstance(default, bool):
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -69,8 +70,8 @@ def parse_overrides(items: list[str], cfg_cls) -> dict:
                 out[key] = json.loads(value)  # lists, tuples, None: JSON
         except ValueError:
             how = "" if isinstance(default, (bool, int, float, str)) else f", written as JSON: {json.dumps(default)}"
-            raise UserError(f"--set {item}: cannot read '{value}' as the type of {key} "
-                            f"(default {default!r}{how})") from None
+            now = "default" if isinstance(base, type) else "the preset's"
+            raise UserError(f"--set {item}: cannot read '{value}' as the type of {key} ({now} {default!r}{how})") from None
     return out
 
 
@@ -146,7 +147,10 @@ def model_config(args, module, preset: str, real: torch.Tensor):
     shape = {"img_channels": real.shape[1], "img_resolution": real.shape[-1]} if is_image else {"dim": real.shape[1]}
     if is_image and real.shape[-2] != real.shape[-1]:
         raise UserError(f"images are {real.shape[-2]}x{real.shape[-1]}; the models need square images")
-    overrides = parse_overrides(args.overrides, module.Config)
+    try:
+        overrides = parse_overrides(args.overrides, module.make_config(preset, **shape))  # the preset's values
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.compile:
         if "compile" not in {f.name for f in dataclasses.fields(module.Config)}:
             raise UserError(f"--compile: model {args.model} has no network to compile")

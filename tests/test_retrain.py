@@ -516,6 +516,8 @@ def test_set_reads_tuples_as_json_and_says_so_when_it_cannot():
         settings.parse_overrides(["ch_multipliers=1,4"], ddpm.Config)
     with pytest.raises(retrain.UserError, match=r"hid_channels \(default 128\)$"):
         settings.parse_overrides(["hid_channels=eight"], ddpm.Config)
+    with pytest.raises(retrain.UserError, match=r"lr \(the preset's 0.002\)$"):  # the preset's value, not the Config's default
+        settings.parse_overrides(["lr=fast"], ddpm.make_config("small"))
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
