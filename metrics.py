@@ -14,6 +14,7 @@ Its noise floor is the same metrics between two disjoint sets of real images: wh
 
 import json
 import os
+import traceback
 
 import numpy as np
 import torch
@@ -103,10 +104,18 @@ class Evaluator:
         if self.net is None:
             return fid.pixel_features(x) if x.dtype == torch.uint8 else x.reshape(len(x), -1).numpy().astype(np.float64)
         rank, world = rank_world()
-        shares = torch.tensor_split(x, world)
-        f = fid.inception_features(shares[rank], self.net, device=self.device, progress=self.progress)
         if world == 1:
-            return f
+            return fid.inception_features(x, self.net, device=self.device, progress=self.progress)
+        shares = torch.tensor_split(x, world)
+        try:
+            f, error = fid.inception_features(shares[rank], self.net, device=self.device, progress=self.progress), None
+        except Exception as e:  # (a CUDA out-of-memory, say) every rank learns of it, instead of waiting in gather
+            traceback.print_exc()
+            f, error = None, f"rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        if any(errors):
+            raise UserError(next(e for e in errors if e))
         size = len(shares[0])  # tensor_split: the first share is the largest
         mine = torch.zeros(size, f.shape[1], dtype=torch.float32, device=self.device)
         mine[:len(f)] = torch.from_numpy(f).to(self.device, torch.float32)

@@ -284,6 +284,41 @@ def test_reference_cache_mismatch_on_rank_0_ends_both_ranks(tmp_path):
         assert lines[0].startswith("retrain.py: error: reference '") and "delete it" in lines[0]
 
 
+BROKEN_FEATURES = """import os, runpy, sys
+sys.path.insert(0, {repo!r})
+import fid
+extract = fid.inception_features
+def broken(x, *args, **kwargs):  # the samples' features fail on one rank, as a CUDA out-of-memory would
+    if os.environ["RANK"] == "{rank}":
+        raise RuntimeError("CUDA out of memory (injected)")
+    return extract(x, *args, **kwargs)
+fid.inception_features = broken
+sys.argv[0] = {retrain!r}
+runpy.run_path({retrain!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_feature_error_on_one_rank_ends_both_ranks(tmp_path, failing):
+    """Under torchrun every rank extracts the Inception features of its share of the samples, then rank 0 gathers
+    them. An error during the extraction on one rank ends both within 60 s with the same one-line error, instead
+    of leaving the other waiting in the gather until the NCCL watchdog."""
+    import fid
+
+    images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    np.save(tmp_path / "images.npy", images.numpy())
+    torch.save(fid.FIDInception().state_dict(), tmp_path / "inception.pth")
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_FEATURES.format(repo=str(REPO), rank=failing, retrain=str(REPO / "retrain.py")))
+    results = run_ranks(lambda r: [*TINY_RUN, "--data", tmp_path / "images.npy", "--metrics", "inception",
+                                   "--inception", tmp_path / "inception.pth", "--out", tmp_path / "run"],
+                        timeout=60, script=script)
+    for r in results:
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert last == f"retrain.py: error: rank {failing}: RuntimeError: CUDA out of memory (injected)", r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch.compile: a fallback for compile errors only
 
