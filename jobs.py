@@ -100,9 +100,21 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def setup_device(name: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); on CUDA also TF32 (enable_tf32) and cuDNN's autotuner (the batch shapes
-    repeat, so the fastest convolution algorithm is searched once per shape)."""
+def cuda_switches(deterministic: bool) -> None:
+    """TF32 (enable_tf32), and cuDNN's autotuner: the batch shapes repeat, so the fastest convolution algorithm is
+    searched once per shape, but it may differ between processes and runs, so results agree up to rounding.
+    deterministic: no autotuner, deterministic algorithms only (slower): a rerun or resume on the same GPUs and
+    software repeats bit for bit."""
+    enable_tf32()
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable matmuls
+
+
+def setup_device(name: str | None, deterministic: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); on CUDA also cuda_switches."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available() and name != "cpu"
@@ -123,8 +135,7 @@ def setup_device(name: str | None) -> tuple[int, int, torch.device]:
             raise UserError(f"device '{name}' is not usable here ({str(e).splitlines()[0]})") from None
         rank = 0
     if device.type == "cuda":
-        enable_tf32()
-        torch.backends.cudnn.benchmark = True
+        cuda_switches(deterministic)
     return rank, world, device
 
 

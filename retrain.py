@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent replicates, iteration 0 included: one run per seed in --out/seed_S, then "
                    "--out/metrics.png (mean and spread) and --out/seeds.json (default --out: runs/MODEL-seeds-S1-S2-..)")
     p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
+    p.add_argument("--deterministic", action="store_true", help="on CUDA: deterministic algorithms and no cuDNN "
+                   "autotuner (slower), so that a rerun or resume on the same GPUs repeats bit for bit")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores that are free now, at least 1)")
     p.add_argument("--lam-jobs", type=int, default=None, metavar="N",
                    help="a sweep over several --lam on the CPU runs N of them side by side after iteration 0, each in "
@@ -326,7 +328,7 @@ def plot(s: Settings, histories: dict, path: str) -> None:
 
 def run(args) -> None:
     t_start = time.time()
-    rank, world, device = jobs.setup_device(args.device)
+    rank, world, device = jobs.setup_device(args.device, args.deterministic)
     threads = jobs.cpu_threads(args.threads, world) if device.type == "cpu" else jobs.plural(torch.get_num_threads(), "CPU thread")
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
         s = resolve(args, world, device, "python retrain.py " + shlex.join(argv_of(args, leave_out={"resume", "force"})))

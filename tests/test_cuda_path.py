@@ -13,6 +13,7 @@ catches:
   - a failure on one rank ends every rank with the same one-line error instead of a hang.
 """
 
+import os
 import warnings
 from pathlib import Path
 
@@ -247,6 +248,24 @@ def test_tf32_switches_keep_every_reader_working():
 
 TINY_RUN = ["--model", "ddpm", "--preset", "small", "--device", "cpu", "--no-progress", "--iters", "0",
             "--set", "batch=8", "--set", "sample_batch=8", "--set", "sample_steps=2", "--set", "pretrain_kimg=0.016"]
+
+
+def test_deterministic_switches_off_the_autotuner_and_on_deterministic_algorithms(monkeypatch):
+    """The CUDA switches can be set without a GPU: by default cuDNN's autotuner (fast, repeatable only up to
+    rounding); with --deterministic, deterministic algorithms and cuBLAS's workspace setting instead."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision())
+    try:
+        jobs.cuda_switches(deterministic=False)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        jobs.cuda_switches(deterministic=True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
+        torch.set_float32_matmul_precision(saved[3])
 
 
 def test_missing_init_on_rank_0_alone_ends_both_ranks(tmp_path):
