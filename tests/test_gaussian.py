@@ -59,6 +59,19 @@ def test_temperature_scales_the_variance_by_tau_squared(tau):
         assert rel(r["s2"][t].mean().item(), (tau ** 2 * (n - 1) / n) ** t) < 0.03, (tau, t)
 
 
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("tau", [0.8, 1.25])
+def test_replace_moments_at_other_temperatures(tau, ddof):
+    """(R1) and (R2) at tau != 1, ML and unbiased, against 20,000 loops of n = 10: E[s2_t] (relative standard error
+    ~0.4%) and E[(mu_t - mu_0)^2] (~1.2%) for t = 1..3, within 4%. tau^2 against tau is 20-50% apart here."""
+    n = 10
+    r = gaussian.simulate(20_000, 3, n, ddof=ddof, temperature=tau, start=(0.0, 1.0), seed=40)
+    for t in (1, 2, 3):
+        s2_t, drift = gaussian.replace_moments(t, n, 1.0, ddof=ddof, tau=tau)
+        assert rel(r["s2"][t].mean().item(), s2_t) < 0.04, t
+        assert rel(((r["mu"][t] - r["mu"][0]) ** 2).mean().item(), drift) < 0.04, t
+
+
 # ----------------------------------------------------------------------------------------------------
 # (A) Accumulate: the mean stays bounded; accumulate-subsample in between
 
@@ -87,6 +100,18 @@ def test_accumulate_keeps_the_mean_bounded():
     around_real = ((r["mu"][-1] - r["real_mean"]) ** 2).mean().item()
     assert rel(around_real, gaussian.accumulate_mean_var(mean_s2[:iters], n, n)) < 0.07
     assert (r["mu"][-1] ** 2).mean() < 1.03 * math.pi ** 2 / 6 / n  # around the truth, N(0, 1)
+
+
+def test_accumulate_mean_at_a_temperature_follows_each_generations_variance():
+    """(A1) at tau = 0.8, n = 5, no real data, 20,000 loops: each generation's E[s2_k] weighs its own term (the
+    variance falls ~40% over 4 generations here) and tau^2 scales them all; within 4% (standard error ~1%)."""
+    n, tau = 5, 0.8
+    r = gaussian.simulate(20_000, 4, n, pool="accumulate", real="none", temperature=tau, start=(0.0, 1.0), seed=41)
+    mean_s2 = r["s2"].mean(1).tolist()
+    assert mean_s2[3] < 0.7 * mean_s2[0]
+    for t in (2, 3, 4):
+        expected = gaussian.accumulate_mean_var(mean_s2[:t], 0, n, tau=tau)
+        assert rel(((r["mu"][t] - r["mu"][0]) ** 2).mean().item(), expected) < 0.04, t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,6 +146,13 @@ def test_fresh_real_data_beats_a_fixed_set():
     assert rel(stationary(fresh["mu"], 10), gaussian.fresh_stationary_var(n, lam, 1.0)) < 0.06
     fixed = gaussian.simulate(1_500, 30, n, lam=lam, real="fixed", seed=9)
     assert rel(stationary(fixed["mu"], 10), (1 + 3 * lam) / (n * (1 + 2 * lam))) < 0.06
+
+
+@pytest.mark.parametrize("lam", [0.5, 2])
+def test_fresh_real_data_at_other_lambdas(lam):
+    """(P2) at lam = 0.5 and 2, where (1 + lam) and 2 lam differ by 50% and 25%: within 6% (as at lam = 1)."""
+    r = gaussian.simulate(1_500, 30, 200, lam=lam, real="fresh", seed=42)
+    assert rel(stationary(r["mu"], 10), gaussian.fresh_stationary_var(200, lam, 1.0)) < 0.06
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,3 +232,34 @@ def test_curation_with_real_data_settles_or_diverges():
     r = gaussian.simulate(20, 20, n, lam=lam, k=k, reward=gaussian.Reward("linear", beta=(0.5,)), seed=31)
     median = r["s2"].median(1).values
     assert (r["s2"][-1] > 2).all() and median[-1] > 3 * median[-3] > 3 * median[-5]  # and accelerating
+
+
+
+@pytest.mark.parametrize("lam,beta,v_real", [(0.5, 0.3, 1.0), (1.0, 0.2, 0.8), (2.0, 0.15, 1.2)])
+def test_curated_fixed_point_is_where_the_recursion_settles(lam, beta, v_real):
+    """(C5) against the recursion it solves (large n, K -> inf): D <- lam / (1 + lam) (D + beta s2),
+    s2 <- (v + lam s2) / (1 + lam) + lam / (1 + lam)^2 (D + beta s2)^2, iterated from the real set's fit; both
+    D_inf and s2_inf, at lam != 1 too. Past the threshold (beta doubled: 4 lam (1 + lam) beta^2 v > 1) there is
+    no fixed point and the recursion's variance grows without bound."""
+    d, s2 = 0.0, v_real
+    for _ in range(3_000):
+        d, s2 = (lam / (1 + lam) * (d + beta * s2),
+                 (v_real + lam * s2) / (1 + lam) + lam / (1 + lam) ** 2 * (d + beta * s2) ** 2)
+    assert gaussian.curated_real_fixed_point(lam, beta, v_real) == pytest.approx((d, s2), rel=1e-9)
+    assert gaussian.curated_real_fixed_point(lam, 2 * beta, v_real) is None
+    d, s2 = 0.0, v_real
+    for _ in range(200):
+        d, s2 = (lam / (1 + lam) * (d + 2 * beta * s2),
+                 (v_real + lam * s2) / (1 + lam) + lam / (1 + lam) ** 2 * (d + 2 * beta * s2) ** 2)
+        if s2 > 1e6:
+            break
+    assert s2 > 1e6
+
+
+def test_every_mutation_of_the_closed_forms_is_caught():
+    """tests/mutate_gaussian.py: each wrong formula in a copy of gaussian.py fails a test of this file. The
+    mutations these tests used to let through are checked here (the whole list: run the script, a minute)."""
+    import mutate_gaussian
+
+    assert mutate_gaussian.survivors(["(R2) tau^2 -> tau", "(A1) E[s2_0] for every k", "(P2) 1 + lam -> 2 lam",
+                                      "(C5) D_inf = lam beta s2 -> 0"]) == []
