@@ -417,7 +417,7 @@ def say_summary(s: Settings, histories: dict, seconds: float) -> None:
     """The run's last lines: its main metrics at iteration 0 and at the last one for each lambda, and its files."""
     print(f"retrain.py: done in {seconds / 60:.1f} min; iteration 0 -> {s.iters}:")
     for lab, h in histories.items():
-        keys = [k for k in ("fid", "fd", "precision", "recall", "mean_err", "logdet") if k in h[0] and k in h[-1]][:3]
+        keys = [k for k in ("fid", "fd", "mean_err", "logdet", "precision", "recall") if k in h[0] and k in h[-1]][:3]
         print(f"  lam {lab:>4}: " + ", ".join(f"{k} {h[0][k]:.4g} -> {h[-1][k]:.4g}" for k in keys))
     where = "lam_*/" if len(s.lams) > 1 else ""
     print(f"  {s.out}/: metrics.png (the curves), {where}metrics.jsonl (every number)"
