@@ -155,13 +155,13 @@ def log_line(r: dict) -> str:
     metrics = " ".join(f"{k} {r[k]:.4g}" for k in ("fid", "fd", "precision", "recall", "density", "coverage", "class_tv",
                                                    "classes", "mean_err", "cov_err", "logdet") if k in r)
     loss = f" loss {r['loss']:.4f}" if "loss" in r else ""
-    return (f"iter {r['iter']:3d} lam {r['lam']:>4}: {r['n_real']} real + {r['n_synth']} synthetic{loss} | "
+    return (f"iter {r['iter']:3d} lam {lam_label(float(r['lam'])):>4}: {r['n_real']} real + {r['n_synth']} synthetic{loss} | "
             f"{metrics} ({r['features']}) | nfe {r['nfe']} | {r['seconds']:.1f} s")
 
 
 def record(s: Settings, evaluate, model, it: int, lam: float, seconds: float, samples, extra: dict) -> dict:
     """Iteration it's line of metrics.jsonl: what it trained on, its metrics (rank 0's; {} elsewhere)."""
-    r = {"iter": it, "lam": lam_label(lam), "n_real": 0 if math.isinf(lam) and it > 0 else len(s.real),
+    r = {"iter": it, "lam": lam, "n_real": 0 if math.isinf(lam) and it > 0 else len(s.real),
          "n_synth": 0 if it == 0 else s.n_synth[lam], "seconds": round(seconds, 2), **extra}
     with on_every_rank():  # rank 0 computes the metrics
         r.update(evaluate(samples[:s.config["n_eval"]]))
@@ -250,7 +250,7 @@ def start_lambda(s: Settings, lam: float, n_gen: int, ckpt0: dict, model, evalua
         history = [json.loads(line) for line in history.splitlines()] if isinstance(history, str) else history
         return {**ckpt, "history": history, "pool": ckpt.get("pool", [])}
     model.load_state_dict(copy.deepcopy(ckpt0["state"]))  # a copy: training must not touch iteration 0's state
-    samples, first = ckpt0["samples"], {**ckpt0["record"], "lam": lab}
+    samples, first = ckpt0["samples"], {**ckpt0["record"], "lam": lam}
     if regime.temperature != 1 or len(samples) < n_gen:
         t0 = time.time()
         samples = sample(model, n_gen, s.seed, 0, s.cfg.sample_batch, s.is_image, s.progress, regime.temperature)

@@ -58,7 +58,7 @@ def test_error_contracts_by_lam_over_one_plus_lam(tmp_path, key, perturb):
         h = metrics(out / f"lam_{lam:g}" / "metrics.jsonl")
         assert [r["iter"] for r in h] == [0, 1, 2, 3]
         first = first or h[0]
-        assert h[0] == {**first, "lam": f"{lam:g}"}  # iteration 0 is shared by every lambda
+        assert h[0] == {**first, "lam": lam}  # iteration 0 is shared by every lambda
         rho = lam / (1 + lam)
         for t in (1, 2, 3):
             ratio = h[t][key] / h[t - 1][key]
