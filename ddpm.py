@@ -112,6 +112,22 @@ PRESETS = {
 }
 
 
+RANGES = {**dict.fromkeys(("hid_channels", "num_res_blocks", "norm_groups", "timesteps", "batch", "lr",
+                             "pretrain_kimg", "kimg", "sample_steps", "sample_batch"), "> 0"),
+          **dict.fromkeys(("warmup", "grad_clip", "min_snr"), ">= 0"), "drop_rate": "in [0, 1)",
+          "ema_decay": "in [0, 1]"}  # what make_config accepts of each number
+
+
+def _check_ranges(cfg) -> None:
+    """Every number of RANGES within its range: a ValueError naming the field otherwise."""
+    rules = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+             "in [0, 1]": lambda v: 0 <= v <= 1}
+    for name, rule in RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and rules[rule](value)):
+            raise ValueError(f"{name} {value!r}: must be {rule}")
+
+
 def make_config(preset: str = "paper", **overrides) -> Config:
     """The preset's Config with field overrides; unknown presets or fields raise ValueError."""
     if preset not in PRESETS:
@@ -121,6 +137,7 @@ def make_config(preset: str = "paper", **overrides) -> Config:
         if key not in names:
             raise ValueError(f"unknown Config field '{key}' for ddpm")
     cfg = Config(**{**PRESETS[preset], **overrides})
+    _check_ranges(cfg)
     cfg.ch_multipliers, cfg.apply_attn = tuple(cfg.ch_multipliers), tuple(bool(a) for a in cfg.apply_attn)
     if len(cfg.apply_attn) != len(cfg.ch_multipliers):
         raise ValueError(f"apply_attn has {len(cfg.apply_attn)} entries for {len(cfg.ch_multipliers)} levels")
@@ -138,8 +155,6 @@ def make_config(preset: str = "paper", **overrides) -> Config:
             raise ValueError(f"{name} '{value}': choose auto, true or false")
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"sampler '{cfg.sampler}': choose from {', '.join(SAMPLERS)}")
-    if cfg.min_snr < 0:
-        raise ValueError(f"min_snr {cfg.min_snr}: 0 (L_simple) or a gamma > 0")
     if cfg.skip_schedule not in ("quadratic", "uniform"):
         raise ValueError(f"skip_schedule '{cfg.skip_schedule}': choose quadratic or uniform")
     return cfg

@@ -144,6 +144,23 @@ def _coerce(value, default):
     return value
 
 
+RANGES = {**dict.fromkeys(("model_channels", "channel_mult_emb", "channel_mult_noise", "num_blocks", "sigma_data",
+                             "batch", "lr", "adam_eps", "pretrain_kimg", "kimg", "sigma_min", "sigma_max", "rho",
+                             "sample_batch"), "> 0"),
+          **dict.fromkeys(("augment_dim", "lr_rampup_kimg", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio"), ">= 0"),
+          "dropout": "in [0, 1)"}  # what make_config accepts of each number
+
+
+def _check_ranges(cfg) -> None:
+    """Every number of RANGES within its range: a ValueError naming the field otherwise."""
+    rules = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+             "in [0, 1]": lambda v: 0 <= v <= 1}
+    for name, rule in RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and rules[rule](value)):
+            raise ValueError(f"{name} {value!r}: must be {rule}")
+
+
 def make_config(preset: str = "paper", **overrides) -> Config:
     """Config of a preset with field overrides; an unknown preset or field raises ValueError naming it."""
     if preset not in PRESETS:
@@ -154,6 +171,7 @@ def make_config(preset: str = "paper", **overrides) -> Config:
         if name not in fields:
             raise ValueError(f"unknown edm Config field '{name}'")
     cfg = Config(**{k: _coerce(v, fields[k]) for k, v in values.items()})
+    _check_ranges(cfg)
     if cfg.precond not in ("edm", "vp"):
         raise ValueError(f"precond must be 'edm' or 'vp', not '{cfg.precond}'")
     for name in ("channels_last", "fused_adam"):  # Python bools are accepted too

@@ -121,6 +121,19 @@ PRESETS = {"paper": {}, "small": {}}  # nothing to size: one preset is as cheap 
 OFFICIAL_URLS = {}                     # no released checkpoint
 
 
+RANGES = {**dict.fromkeys(("dim", "sample_batch", "init_cov_scale"), "> 0"), "ddof": ">= 0"}  # what make_config accepts
+
+
+def _check_ranges(cfg) -> None:
+    """Every number of RANGES within its range: a ValueError naming the field otherwise."""
+    rules = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+             "in [0, 1]": lambda v: 0 <= v <= 1}
+    for name, rule in RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and rules[rule](value)):
+            raise ValueError(f"{name} {value!r}: must be {rule}")
+
+
 def make_config(preset: str, **overrides) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' for gaussian; choose from {sorted(PRESETS)}")
@@ -128,7 +141,9 @@ def make_config(preset: str, **overrides) -> Config:
     for k in overrides:
         if k not in fields:
             raise ValueError(f"gaussian.Config has no field '{k}'; fields: {', '.join(sorted(fields))}")
-    return Config(**{**PRESETS[preset], **overrides})
+    cfg = Config(**{**PRESETS[preset], **overrides})
+    _check_ranges(cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -135,6 +135,22 @@ PRESETS = {
 }
 
 
+RANGES = {**dict.fromkeys(("channels", "num_res_blocks", "num_heads", "norm_groups", "batch", "lr", "pretrain_kimg",
+                             "kimg", "steps", "rtol", "atol", "sample_batch"), "> 0"),
+          **dict.fromkeys(("sigma", "warmup_steps", "grad_clip"), ">= 0"), "dropout": "in [0, 1)",
+          "ema_decay": "in [0, 1]"}  # what make_config accepts of each number
+
+
+def _check_ranges(cfg) -> None:
+    """Every number of RANGES within its range: a ValueError naming the field otherwise."""
+    rules = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+             "in [0, 1]": lambda v: 0 <= v <= 1}
+    for name, rule in RANGES.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and rules[rule](value)):
+            raise ValueError(f"{name} {value!r}: must be {rule}")
+
+
 def make_config(preset: str, **overrides) -> Config:
     """The Config of a preset, with field overrides; an unknown preset or field raises ValueError."""
     if preset not in PRESETS:
@@ -151,6 +167,7 @@ def make_config(preset: str, **overrides) -> Config:
         if isinstance(values.get(key), bool):
             values[key] = "true" if values[key] else "false"
     cfg = Config(**values)
+    _check_ranges(cfg)
     if cfg.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{cfg.sampler}' (have: {', '.join(SAMPLERS)})")
     if cfg.amp not in ("auto", "bf16", "fp32"):

@@ -157,16 +157,10 @@ def model_config(args, module, preset: str, real: torch.Tensor):
         overrides["compile"] = True
     if set(overrides) & set(shape):
         raise UserError(f"--set {', '.join(set(overrides) & set(shape))}: set from the data, not from the command line")
-    try:
-        cfg = module.make_config(preset, **shape, **overrides)
+    try:  # each model checks its fields' ranges
+        return module.make_config(preset, **shape, **overrides)
     except ValueError as e:
-        raise UserError(str(e)) from None
-    for field in ("batch", "sample_batch", "kimg", "pretrain_kimg"):  # what the loop divides by or trains for
-        value = getattr(cfg, field, 1)
-        if not (value > 0 and (isinstance(value, int) or field.endswith("kimg"))):
-            raise UserError(f"{field} {value!r}: give a positive {'number' if field.endswith('kimg') else 'integer'} "
-                            f"(--set {field}=...)")
-    return cfg
+        raise UserError(f"{e} (see --set)") from None
 
 
 def resolve(args, world: int, device: torch.device, command: str | None = None) -> Settings:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -458,8 +459,23 @@ BAD_IMAGES = {  # checked before the run starts, whatever the model: the folder 
     "no samples evaluated": (["--n-eval", "0"], "--n-eval 0"),
     "more samples evaluated than real ones": (["--n-eval", "2000"], "--n-eval 2000"),
     "batch 0": (["--set", "batch=0"], "batch 0"),
-    "negative learning rate": (["--set", "lr=-1"], "Invalid learning rate"),
+    "negative learning rate": (["--set", "lr=-1"], "lr -1.0: must be > 0"),
+    "dropout of 1.5": (["--set", "drop_rate=1.5"], "drop_rate 1.5: must be in [0, 1)"),
 }
+
+
+@pytest.mark.parametrize("name", ["ddpm", "edm", "otcfm", "gaussian"])
+def test_every_preset_is_in_range_and_a_number_out_of_range_is_named(name):
+    """Each model's make_config checks the range of every number in its RANGES: every preset passes; a value
+    just outside the range (0 for "> 0", -1 for ">= 0", 1 or 1.5 for a fraction, nan for any) is refused."""
+    module = __import__(name)
+    for preset in module.PRESETS:
+        module.make_config(preset)
+    outside = {"> 0": 0, ">= 0": -1, "in [0, 1)": 1, "in [0, 1]": 1.5}
+    for field, rule in module.RANGES.items():
+        for value in (outside[rule], float("nan")):
+            with pytest.raises(ValueError, match=f"^{field} {value!r}: must be {re.escape(rule)}$"):
+                module.make_config("small", **{field: value})
 
 
 @pytest.mark.parametrize("case", BAD_IMAGES)
