@@ -123,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "from; 0: none")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (same as --set compile=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are drawn only when stderr is a terminal)")
-    r = p.add_argument_group("self-consuming regimes beyond the paper (regimes.py; the defaults are the paper's loop)")
+    add_regime_flags(p.add_argument_group("self-consuming regimes beyond the paper (regimes.py; the defaults are "
+                                          "the paper's loop)"))
+    return p
+
+
+def add_regime_flags(r) -> None:
     r.add_argument("--pool", default="replace", choices=("replace", "accumulate", "accumulate-subsample"),
                    help="synthetic data across iterations: replace (each generation's samples replace the previous "
                    "ones), accumulate (every generation's samples are kept), accumulate-subsample (of all kept "
@@ -144,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--beta", type=float, nargs="+", default=[1.0], metavar="B", help="linear reward: one coefficient, or one per coordinate")
     r.add_argument("--gamma", type=float, default=1.0, metavar="G", help="quadratic reward: the pull toward 0")
     r.add_argument("--reward-class", type=int, default=0, metavar="C", help="the class of --reward class")
-    return p
 
 
 # ----------------------------------------------------------------------------------------------------
