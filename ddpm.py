@@ -20,6 +20,7 @@ Run:
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -62,6 +63,8 @@ class Config:
     beta_T: float = 0.02  # last beta of the linear schedule [Ho Sec. 4]
     # training
     batch: int = 128  # images per optimizer step [Ho, tqch]
+    batch_gpu: int = 0  # images per forward/backward pass on one process; 0: its whole share of batch. Smaller values
+    #                     accumulate gradients over micro-batches: the same update in less memory [EDM: --batch-gpu]
     lr: float = 2e-4  # Adam learning rate (betas 0.9/0.999, eps 1e-8) [Ho, tqch]
     warmup: int = 5000  # optimizer steps of linear lr warm-up, lr * min((step + 1) / warmup, 1) [tqch]
     grad_clip: float = 1.0  # max global gradient norm [Ho, tqch]
@@ -114,7 +117,7 @@ PRESETS = {
 
 RANGES = {**dict.fromkeys(("hid_channels", "num_res_blocks", "norm_groups", "timesteps", "batch", "lr",
                              "pretrain_kimg", "kimg", "sample_steps", "sample_batch"), "> 0"),
-          **dict.fromkeys(("warmup", "grad_clip", "min_snr"), ">= 0"), "drop_rate": "in [0, 1)",
+          **dict.fromkeys(("batch_gpu", "warmup", "grad_clip", "min_snr"), ">= 0"), "drop_rate": "in [0, 1)",
           "ema_decay": "in [0, 1]"}  # what make_config accepts of each number
 
 
@@ -561,21 +564,45 @@ class Model:
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """L_simple (or min-SNR) of the training network on x (B, C, H, W) in [-1, 1] at uniform random steps, 0-dim
         float32."""
+        return self._loss(*self._draw(x))
+
+    def _draw(self, x: torch.Tensor) -> tuple:
+        """The loss's inputs for x, its random draws included, each with the batch first: (x, t (B,), noise)."""
         t = torch.randint(0, self.cfg.timesteps, (x.shape[0],), device=self.device)  # uniform steps [Ho Alg. 1]
-        noise = torch.randn_like(x)  # (B, C, H, W)
+        return x, t, torch.randn_like(x)  # noise (B, C, H, W)
+
+    def _loss(self, x, t, noise) -> torch.Tensor:
+        """The loss of the training network on _draw's inputs, 0-dim float32."""
         with self._autocast():
             return ddpm_loss(self._train_fwd, self._input(x), t, noise, self._alphas_bar_dev, self.cfg.min_snr)
+
+    def _backward(self, drawn: tuple) -> torch.Tensor:
+        """Gradients of the mean loss over _draw's inputs, in micro-batches of cfg.batch_gpu images (0: all at once):
+        each micro-batch's loss is weighted by its share of the images, so the gradients add up to the whole batch's.
+        Under DistributedDataParallel only the last backward all-reduces. Dropout masks are drawn per micro-batch.
+        Returns the mean loss, detached (0-dim, on the device)."""
+        n = len(drawn[0])
+        size = self.cfg.batch_gpu or n
+        no_sync = getattr(self._train_fwd, "no_sync", None)  # DistributedDataParallel's (through _Compiled too)
+        total = 0
+        for i in range(0, n, size):
+            part = [None if d is None else d[i:i + size] for d in drawn]  # None: a draw not made
+            skip_sync = no_sync is not None and i + size < n
+            with no_sync() if skip_sync else contextlib.nullcontext():
+                loss = self._loss(*part) * (len(part[0]) / n)  # the micro-batch's share of the mean
+                loss.backward()
+            total = total + loss.detach()
+        return total
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One Adam step on the loss for x (B, C, H, W) in [-1, 1], then the EMA update. Returns the detached
         loss (0-dim float32, this process's mean) on the device: nothing here waits for the device."""
         self.net.train()
-        loss = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._backward(self._draw(x))  # all of x's draws first: the same update whatever batch_gpu
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self._update(x.shape[0] * world)
-        return loss.detach()
+        return loss
 
     def _update(self, batch: int) -> None:
         """Everything after backward, in a fixed number of kernels however many parameter tensors: clipping,

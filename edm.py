@@ -23,6 +23,7 @@ Commands:
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import io
 import math
@@ -65,6 +66,9 @@ class Config:
     P_std: float = 1.2                    # EDM loss, see P_mean
     # ---- optimisation (EDM train.py defaults for CIFAR-10)
     batch: int = 512                      # images per optimizer step (all ranks together); EDM CIFAR-10 default
+    batch_gpu: int = 0                    # images per forward/backward pass on one process; 0: its whole share of
+    #                                       batch. Smaller values accumulate gradients over micro-batches: the same
+    #                                       update in less memory [EDM: --batch-gpu]
     lr: float = 1e-3                      # Adam learning rate after the ramp-up; EDM CIFAR-10 default
     lr_rampup_kimg: float = 10000.0       # lr = lr * min(images seen / ramp, 1) (EDM: 10 Mimg). "images seen" is
     #                                       carried over in the state dict and set past the ramp by load_pretrained,
@@ -147,7 +151,8 @@ def _coerce(value, default):
 RANGES = {**dict.fromkeys(("model_channels", "channel_mult_emb", "channel_mult_noise", "num_blocks", "sigma_data",
                              "batch", "lr", "adam_eps", "pretrain_kimg", "kimg", "sigma_min", "sigma_max", "rho",
                              "sample_batch"), "> 0"),
-          **dict.fromkeys(("augment_dim", "lr_rampup_kimg", "grad_clip", "ema_halflife_kimg", "ema_rampup_ratio"), ">= 0"),
+          **dict.fromkeys(("batch_gpu", "augment_dim", "lr_rampup_kimg", "grad_clip", "ema_halflife_kimg",
+                           "ema_rampup_ratio"), ">= 0"),
           "dropout": "in [0, 1)"}  # what make_config accepts of each number
 
 
@@ -469,20 +474,31 @@ def build_denoiser(cfg: Config) -> Precond:
 # Training loss: lambda(sigma) * ||D(y + n; sigma) - y||^2, n ~ N(0, sigma^2 I) (Eq. 2 and Table 1)
 
 
-def edm_loss(D, y, cfg):
-    """EDM loss: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2; per element."""
-    sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * cfg.P_std + cfg.P_mean).exp()  # (B, 1, 1, 1)
+def loss_draws(y, precond):
+    """The random numbers of one loss on y (B, C, H, W), per image: r (B, 1, 1, 1), standard normal for "edm" (ln
+    sigma) or uniform on [0, 1) for "vp" (t), and e ~ N(0, I) like y (the noise before scaling by sigma)."""
+    r = (torch.randn if precond == "edm" else torch.rand)(y.shape[0], 1, 1, 1, device=y.device)
+    return r, torch.randn_like(y)
+
+
+def edm_loss(D, y, cfg, draws=None):
+    """EDM loss: ln sigma ~ N(P_mean, P_std^2), lambda = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2; per element.
+    draws: loss_draws(y, "edm"), drawn here when None."""
+    r, e = loss_draws(y, "edm") if draws is None else draws
+    sigma = (r * cfg.P_std + cfg.P_mean).exp()  # (B, 1, 1, 1)
     weight = (sigma ** 2 + cfg.sigma_data ** 2) / (sigma * cfg.sigma_data) ** 2
-    n = torch.randn_like(y) * sigma
+    n = e * sigma
     return weight * (D(y + n, sigma) - y) ** 2  # (B, C, H, W)
 
 
-def vp_loss(D, y, cfg):
-    """VP loss: sigma = sigma_VP(t), t ~ U(epsilon_t, 1), lambda = 1 / sigma^2; per element."""
-    t = 1 + torch.rand(y.shape[0], 1, 1, 1, device=y.device) * (VP_EPSILON_T - 1)  # (B, 1, 1, 1)
+def vp_loss(D, y, cfg, draws=None):
+    """VP loss: sigma = sigma_VP(t), t ~ U(epsilon_t, 1), lambda = 1 / sigma^2; per element. draws:
+    loss_draws(y, "vp"), drawn here when None."""
+    r, e = loss_draws(y, "vp") if draws is None else draws
+    t = 1 + r * (VP_EPSILON_T - 1)  # (B, 1, 1, 1)
     sigma = vp_sigma(t)
     weight = 1 / sigma ** 2
-    n = torch.randn_like(y) * sigma
+    n = e * sigma
     return weight * (D(y + n, sigma) - y) ** 2  # (B, C, H, W)
 
 
@@ -713,13 +729,40 @@ class Model:
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """The training objective on x (B, C, H, W) in [-1, 1], 0-dim: the weighted squared error of the EDM or
         VP loss (cfg.precond), summed over pixels and averaged over images, as EDM's training loop reduces it."""
+        return self._loss(*self._draw(x))
+
+    def _draw(self, x: torch.Tensor) -> tuple:
+        """The loss's inputs for x, its random draws included, each with the batch first: (x, *loss_draws)."""
+        return x, *loss_draws(x, self.cfg.precond)
+
+    def _loss(self, x, r, e) -> torch.Tensor:
+        """The loss of the training network on _draw's inputs, 0-dim float32."""
         labels = None
         if self.net.model.map_augment is not None:
             # zero augment labels: the same output as none (map_augment has no bias), but map_augment joins the
             # graph, so every parameter gets a gradient at every step, as DistributedDataParallel requires
             labels = torch.zeros(x.shape[0], self.cfg.augment_dim, device=self.device)  # (B, augment_dim)
-        loss = LOSSES[self.cfg.precond](lambda x_noisy, sigma: self._train_fwd(x_noisy, sigma, labels), x, self.cfg)
+        loss = LOSSES[self.cfg.precond](lambda x_noisy, sigma: self._train_fwd(x_noisy, sigma, labels), x, self.cfg,
+                                        (r, e))
         return loss.sum() / x.shape[0]  # loss: (B, C, H, W) float32
+
+    def _backward(self, drawn: tuple) -> torch.Tensor:
+        """Gradients of the mean loss over _draw's inputs, in micro-batches of cfg.batch_gpu images (0: all at once):
+        each micro-batch's loss is weighted by its share of the images, so the gradients add up to the whole batch's.
+        Under DistributedDataParallel only the last backward all-reduces. Dropout masks are drawn per micro-batch.
+        Returns the mean loss, detached (0-dim, on the device)."""
+        n = len(drawn[0])
+        size = self.cfg.batch_gpu or n
+        no_sync = getattr(self._train_fwd, "no_sync", None)  # DistributedDataParallel's (through _Compiled too)
+        total = 0
+        for i in range(0, n, size):
+            part = [None if d is None else d[i:i + size] for d in drawn]  # None: a draw not made
+            skip_sync = no_sync is not None and i + size < n
+            with no_sync() if skip_sync else contextlib.nullcontext():
+                loss = self._loss(*part) * (len(part[0]) / n)  # the micro-batch's share of the mean
+                loss.backward()
+            total = total + loss.detach()
+        return total
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One Adam step on x (B, C, H, W) in [-1, 1]. Returns this process's mean per-element weighted loss as a
@@ -727,11 +770,10 @@ class Model:
         every few steps and averages it over processes itself)."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.net.train()
-        loss = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._backward(self._draw(x))  # all of x's draws first: the same update whatever batch_gpu
         self._update(x.shape[0] * world)  # images in this step, all ranks together
-        return loss.detach() / x[0].numel()  # per element, as EDM reports it
+        return loss / x[0].numel()  # per element, as EDM reports it
 
     def _update(self, batch: int) -> None:
         """Everything after backward, in a number of kernels that does not grow with the number of parameter

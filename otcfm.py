@@ -31,6 +31,7 @@ Run:
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -74,6 +75,9 @@ class Config:
     ot_resample: bool = True          # draw the batch's pairs from the plan with replacement, as torchcfm does
     # optimisation (train_cifar10.py)
     batch: int = 128                  # images per optimizer step (--batch_size 128)
+    batch_gpu: int = 0                # images per forward/backward pass on one process; 0: its whole share of batch.
+                                      # Smaller values accumulate gradients over micro-batches: the same update in
+                                      # less memory [EDM: --batch-gpu]
     lr: float = 2e-4                  # Adam learning rate, betas (0.9, 0.999), eps 1e-8 (--lr 2e-4)
     warmup_steps: int = 5000          # linear lr warm-up from 0 in optimizer steps, from scratch only (--warmup 5000)
     grad_clip: float = 1.0            # max global gradient norm (--grad_clip 1.0)
@@ -137,7 +141,7 @@ PRESETS = {
 
 RANGES = {**dict.fromkeys(("channels", "num_res_blocks", "num_heads", "norm_groups", "batch", "lr", "pretrain_kimg",
                              "kimg", "steps", "rtol", "atol", "sample_batch"), "> 0"),
-          **dict.fromkeys(("sigma", "warmup_steps", "grad_clip"), ">= 0"), "dropout": "in [0, 1)",
+          **dict.fromkeys(("batch_gpu", "sigma", "warmup_steps", "grad_clip"), ">= 0"), "dropout": "in [0, 1)",
           "ema_decay": "in [0, 1]"}  # what make_config accepts of each number
 
 
@@ -572,26 +576,52 @@ class Model:
 
         Under torchrun x1 is this process's share of the global batch; the OT plan is solved over the global
         batch all the same (see ot_pairs), so training does not depend on the number of processes."""
+        return self._loss(*self._draw(x1))
+
+    def _draw(self, x1: torch.Tensor) -> tuple:
+        """The loss's inputs for x1, its random draws included, each with the batch first: (x0, x1, t, eps), x0[i]
+        paired with x1[i]. The OT plan couples the whole batch: it is solved here, before any micro-batch split."""
         cfg = self.cfg
         x0 = torch.randn_like(x1)  # (B, C, H, W) noise
         if cfg.ot:
             x0, x1 = ot_pairs(x0, x1, cfg.ot_resample)  # x0[i] is paired with x1[i]
         t = torch.rand(len(x1), device=x1.device)  # (B,) uniform on [0, 1]
         eps = torch.randn_like(x1) if cfg.sigma > 0 else None
+        return x0, x1, t, eps
+
+    def _loss(self, x0, x1, t, eps) -> torch.Tensor:
+        """The loss of the training network on _draw's inputs, 0-dim float32."""
         with self._autocast():  # the network's input goes NHWC (channels_last), the target u_t stays as it is
-            return cfm_loss(lambda t, xt: self._train_fwd(t, self._input(xt)), x0, x1, t, cfg.sigma, eps)
+            return cfm_loss(lambda t, xt: self._train_fwd(t, self._input(xt)), x0, x1, t, self.cfg.sigma, eps)
+
+    def _backward(self, drawn: tuple) -> torch.Tensor:
+        """Gradients of the mean loss over _draw's inputs, in micro-batches of cfg.batch_gpu images (0: all at once):
+        each micro-batch's loss is weighted by its share of the images, so the gradients add up to the whole batch's.
+        Under DistributedDataParallel only the last backward all-reduces. Dropout masks are drawn per micro-batch.
+        Returns the mean loss, detached (0-dim, on the device)."""
+        n = len(drawn[0])
+        size = self.cfg.batch_gpu or n
+        no_sync = getattr(self._train_fwd, "no_sync", None)  # DistributedDataParallel's (through _Compiled too)
+        total = 0
+        for i in range(0, n, size):
+            part = [None if d is None else d[i:i + size] for d in drawn]  # None: a draw not made
+            skip_sync = no_sync is not None and i + size < n
+            with no_sync() if skip_sync else contextlib.nullcontext():
+                loss = self._loss(*part) * (len(part[0]) / n)  # the micro-batch's share of the mean
+                loss.backward()
+            total = total + loss.detach()
+        return total
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimizer step on x (B, C, H, W) in [-1, 1]. Returns the loss (this process's mean) as a detached
         0-dim float32 tensor on the model's device: nothing here waits for the device (retrain.py reads the loss
         every few steps). One exception is inherent to exact OT: the cost matrix goes to scipy on the host."""
         self.net.train()
-        loss = self.loss(x)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._backward(self._draw(x))  # all of x's draws first: the same update whatever batch_gpu
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self._update(x.shape[0] * world)
-        return loss.detach()
+        return loss
 
     def _update(self, batch: int) -> None:
         """Everything after backward: gradient clipping, the lr warm-up, Adam, the EMA, the counter, in a number of
