@@ -5,8 +5,9 @@ Bertrand, Bose, Duplessis, Jiralerspong & Gidel, "On the Stability of Iterative 
 Generative Models on their Own Data" (ICLR 2024, arXiv 2310.00429).
 
     cpu_threads(requested, world)   torch's CPU threads for this process: never a core another job keeps busy
-    setup_device, rank_world, barrier, on_every_rank
-                                    the device and rank of each process under torchrun (one process without it)
+    setup_device, rank_world, barrier, on_every_rank, ends_every_rank
+                                    the device and rank of each process under torchrun (one process without it),
+                                    and a failure on one of them ending every one
     run_jobs(jobs, workers)         Python commands as subprocesses, `workers` at a time, each once the job it
                                     waits for has finished; used for a sweep's lambdas (retrain.py) and for
                                     the stages of reproduce.py
@@ -14,10 +15,14 @@ Generative Models on their Own Data" (ICLR 2024, arXiv 2310.00429).
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import subprocess
 import sys
+import threading
 import time
+import traceback
+import typing
 
 import torch
 import torch.distributed as dist
@@ -136,6 +141,8 @@ def setup_device(name: str | None, deterministic: bool = False) -> tuple[int, in
         rank = 0
     if device.type == "cuda":
         cuda_switches(deterministic)
+    if world > 1:
+        watch_failures()
     return rank, world, device
 
 
@@ -156,19 +163,124 @@ def on_every_rank():
     error = None
     try:
         yield
-    except UserError as e:
-        error = str(e)
-    except Exception as e:  # a bug, not the user's input: its traceback on this rank, its line on every rank
-        import traceback
-
-        traceback.print_exc()
-        error = f"rank {rank_world()[0]}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:
+        error = one_line(e)
+        if not isinstance(e, UserError):  # a bug, not the user's input: its traceback here, its line on every rank
+            traceback.print_exc()
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e is not None), None)
     if error is not None:
         raise UserError(error)
+
+
+def one_line(e: Exception) -> str:
+    """The line every rank prints for e: a UserError's message, else the rank, the exception's type and first line."""
+    if isinstance(e, UserError):
+        return str(e)
+    return f"rank {rank_world()[0]}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+# A failure outside on_every_rank leaves the other ranks in a collective the failed one never joins (DDP's gradient
+# all-reduce or its constructor's broadcast, sample's gather; under NCCL until its timeout): its line reaches them
+# through the rendezvous store instead, where a thread of each rank watches for it.
+
+END_WAIT = 10.0  # seconds an ending rank waits for the others to have ended too
+_watcher = {"thread": None, "stop": None}
+
+
+def _store_keys() -> tuple[str, str, str]:
+    """(the first failure's line, the count of ranks ended on it, of those gone); a torchrun restart has its own."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"failure/{attempt}/line", f"failure/{attempt}/ended", f"failure/{attempt}/gone"
+
+
+def _store() -> dist.TCPStore:
+    """A client of the rendezvous store: torchrun's agent's, or rank 0's process's when started without torchrun."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=30))
+
+
+def _end(store: dist.TCPStore | None, line: str) -> typing.NoReturn:
+    """End this rank on a failure: `line` printed as its last, then exit status 2 once every rank has printed it
+    (at most END_WAIT s), since torchrun stops all ranks at the first exit. Rank 0 exits once the others have
+    gone, since without torchrun the store is its process's."""
+    _, ended, gone = _store_keys()
+    try:
+        print(f"{os.path.basename(sys.argv[0])}: error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if store is None:
+            return
+        world, deadline = dist.get_world_size(), time.time() + END_WAIT
+        store.add(ended, 1)
+        if rank_world()[0] != 0:
+            while store.add(ended, 0) < world and time.time() < deadline:
+                time.sleep(0.1)
+            store.add(gone, 1)
+        else:
+            while store.add(gone, 0) < world - 1 and time.time() < deadline:
+                time.sleep(0.1)
+    finally:
+        os._exit(2)
+
+
+def watch_failures() -> None:
+    """Start this rank's watcher (once): when another rank has published a failure (ends_every_rank), it prints
+    that line as this process's last and ends it with exit status 2, wherever its main thread waits."""
+    if _watcher["thread"] is None:
+        stop = threading.Event()
+        _watcher.update(thread=threading.Thread(target=_watch, args=(_store(), stop), daemon=True), stop=stop)
+        _watcher["thread"].start()
+
+
+def _watch(store: dist.TCPStore, stop: threading.Event) -> None:
+    line_key = _store_keys()[0]
+    try:
+        while not store.check([line_key]):
+            if stop.wait(0.2):
+                return
+        if stop.wait(1.0):  # a second for this rank's own failure, if it has one, to end it as usual (put_back, say)
+            return
+        line = store.get(line_key).decode()
+    except dist.DistError:  # the store has gone: its rank or agent ended before this one could
+        return
+    _end(store, line)
+
+
+def _stop_watching() -> None:
+    """Stop the watcher; its ending of this process, if begun, ends it here."""
+    if _watcher["thread"] is not None:
+        _watcher["stop"].set()
+        _watcher["thread"].join()
+        _watcher["thread"] = None
+
+
+@contextlib.contextmanager
+def ends_every_rank():
+    """Around a whole run with a watcher (several processes): an exception that escapes it on any rank ends every
+    rank (_end) with the same one-line error, the first failed rank's, published in the store (its traceback
+    printed there alone, unless a UserError: the other ranks' errors are then mostly the collectives it broke).
+    A run that ends well stops the watchers between two barriers: none still reads the store when rank 0 ends."""
+    try:
+        yield
+    except Exception as e:
+        if _watcher["thread"] is None:
+            raise
+        _stop_watching()
+        mine = line = one_line(e)
+        try:
+            store = _store()
+            line = store.compare_set(_store_keys()[0], "", mine).decode()  # the first failure's line, on every rank
+        except dist.DistError:  # the store has gone with rank 0: this rank's own line
+            store = None
+        if line == mine and not isinstance(e, UserError):
+            traceback.print_exc()
+        _end(store, line)
+    if _watcher["thread"] is not None:
+        barrier()
+        _stop_watching()
+        barrier()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -330,6 +330,7 @@ def plot(s: Settings, histories: dict, path: str) -> None:
 # A run: settings, folder, model, metrics, iteration 0, then each lambda
 
 
+@jobs.ends_every_rank()  # an error on any rank, in any phase, ends every rank with one line, wherever they wait
 def run(args) -> None:
     t_start = time.time()
     rank, world, device = jobs.setup_device(args.device, args.deterministic)
@@ -337,14 +338,14 @@ def run(args) -> None:
     with on_every_rank():  # settings, data and run folder: any rank's error stops every rank
         s = resolve(args, world, device, "python retrain.py " + shlex.join(argv_of(args, leave_out={"resume", "force"})))
         check_folder(s)
-    with on_every_rank():
-        torch.manual_seed(s.seed)  # the network's initial weights: the same on every rank and in every run
-        try:
-            model = s.module.Model(s.cfg, device)
-        except ValueError as e:  # a Config the model refuses (torch's optimizers check lr, betas, ...)
-            raise UserError(f"{s.model} does not accept its Config: {e} (see --set)") from None
-        if s.is_image:
-            s.real = s.real.to(device)
+    # not on_every_rank: its gather would meet DDP's constructor's collectives on the ranks that did not fail
+    torch.manual_seed(s.seed)  # the network's initial weights: the same on every rank and in every run
+    try:
+        model = s.module.Model(s.cfg, device)
+    except ValueError as e:  # a Config the model refuses (torch's optimizers check lr, betas, ...)
+        raise UserError(f"{s.model} does not accept its Config: {e} (see --set)") from None
+    if s.is_image:
+        s.real = s.real.to(device)
     how = None
     if args.init and not ((args.resume or not args.force) and os.path.exists(os.path.join(s.out, "iter0.pt"))):
         with on_every_rank():  # rank 0 downloads 'official'; the others wait at the end of the block
