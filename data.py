@@ -4,16 +4,20 @@ retrain.py trains on these tensors and fid.py computes reference statistics from
 images through the one function here, `load_images(spec)`; `load_labelled(spec)` gives the same
 images with their class labels (classifier.py trains its feature network on them). A spec is one of
 
-    cifar10            CIFAR-10 training set (50,000 x 3 x 32 x 32), downloaded by torchvision on first use
-    digits             scikit-learn's bundled 8x8 digits (1,797 x 1 x 8 x 8), works offline
-    mnist              MNIST training set (LeCun et al. 1998; 60,000 x 1 x 32 x 32), downloaded by torchvision
-    fashion-mnist      Fashion-MNIST training set (Xiao et al. 2017; 60,000 x 1 x 32 x 32), the same way
+    cifar10            CIFAR-10 (50,000 + 10,000 x 3 x 32 x 32), downloaded by torchvision on first use
+    digits             scikit-learn's bundled 8x8 digits (1,198 + 599 x 1 x 8 x 8), works offline
+    mnist              MNIST (LeCun et al. 1998; 60,000 + 10,000 x 1 x 32 x 32), downloaded by torchvision
+    fashion-mnist      Fashion-MNIST (Xiao et al. 2017; 60,000 + 10,000 x 1 x 32 x 32), the same way
     DIR                a folder of image files (png, jpg, ...), read in sorted order
     FILE.zip           a zip of image files, read in sorted order (FFHQ-64 is usually given this way)
     FILE.npy/.npz      a uint8 array, NHWC or NCHW (in a .npz: the array named 'images', 'x' or the only one)
 
 Images in a folder or zip must all have one size; greyscale files give 1 channel when every file is
-greyscale, otherwise everything is read as RGB. MNIST and Fashion-MNIST (28 x 28) are padded with 2 black
+greyscale, otherwise everything is read as RGB. The named datasets have a training and a test split
+(split="train" | "test"): the models train on the first, and the samples are measured against the second,
+which no model and no feature classifier ever sees. The digits have no official split: every third image
+(index i with i % 3 == 2, 599 of 1,797; the file cycles through the ten digits, so every class is cut alike)
+is their test split. MNIST and Fashion-MNIST (28 x 28) are padded with 2 black
 pixels on every side to 32 x 32, the side of the models' 32-px configurations (and of LeNet-5's input,
 LeCun et al. 1998). Labels: the class index of every named dataset (CIFAR-10's 10 classes, the digit
 0..9, Fashion-MNIST's 10 classes of clothes, shoes and bags), and of a .npz that holds an array
@@ -33,6 +37,7 @@ import torch
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 NAMED = ("cifar10", "digits", "mnist", "fashion-mnist")  # the specs that name a dataset rather than a path
+SPLITS = ("train", "test")
 MNIST_PAD = 2  # black pixels added on each side of the 28 x 28 MNIST-like images: 28 + 2 * 2 = 32
 
 
@@ -44,19 +49,19 @@ class DataError(ValueError):
 # The named datasets
 
 
-def _cifar10(root: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar10(root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
     import torchvision  # only needed here, so the other datasets work without it
 
     try:
-        ds = torchvision.datasets.CIFAR10(root=root, train=True, download=True)
+        ds = torchvision.datasets.CIFAR10(root=root, train=train, download=True)
     except Exception as e:  # no internet, broken archive, ...
         raise DataError(f"could not download or read CIFAR-10 into '{root}' ({e}); "
                         "download it by hand or pass --data with a folder/zip/npz of images") from None
     return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)  # (N, 32, 32, 3) -> (N, 3, 32, 32); (N,)
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 8x8 digits from the file scikit-learn ships them in (datasets/data/digits.csv.gz: per row 64 grey
+def _digits(train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 digits of one split (the test split: every third image) from the file scikit-learn ships them in (datasets/data/digits.csv.gz: per row 64 grey
     levels 0..16, then the label), read without importing scikit-learn, which takes ~1.8 s; through its
     load_digits where that file is not found."""
     spec = importlib.util.find_spec("sklearn")
@@ -69,17 +74,18 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
         bunch = load_digits()
         x, y = bunch.images, bunch.target  # (1797, 8, 8), integer grey levels 0..16; (1797,)
-    return np.round(x * (255.0 / 16.0)).astype(np.uint8)[:, None], y  # (N, 1, 8, 8), 17 levels in 0..255
+    keep = (np.arange(len(x)) % 3 == 2) != train
+    return np.round(x[keep] * (255.0 / 16.0)).astype(np.uint8)[:, None], y[keep]  # (N, 1, 8, 8), 17 levels in 0..255
 
 
-def _mnist_like(spec: str, root: str) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST or Fashion-MNIST training set through torchvision (its idx files under root/MNIST/raw or
+def _mnist_like(spec: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST or Fashion-MNIST, one split, through torchvision (its idx files under root/MNIST/raw or
     root/FashionMNIST/raw, downloaded when missing), padded to (N, 1, 32, 32)."""
     import torchvision
 
     cls = torchvision.datasets.MNIST if spec == "mnist" else torchvision.datasets.FashionMNIST
     try:
-        ds = cls(root=root, train=True, download=True)
+        ds = cls(root=root, train=train, download=True)
     except Exception as e:  # no internet, broken file, ...
         raise DataError(f"could not download or read {spec} into '{root}' ({str(e).splitlines()[0] if str(e) else e!r}); "
                         f"put its four idx files into {os.path.join(root, cls.__name__, 'raw')} by hand "
@@ -165,17 +171,23 @@ def _array(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_labelled(spec: str, root: str = "data", n: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_labelled(spec: str, root: str = "data", n: int | None = None,
+                  split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dataset `spec` (see the module docstring) and its labels: (uint8 (N, C, H, W), int64 (N,) or None).
 
-    The first `n` images (and labels) if given; the images are exactly those of load_images."""
+    The first `n` images (and labels) if given; the images are exactly those of load_images. split: "train",
+    or "test" for a named dataset (files have one split)."""
     labels = None
+    if split not in SPLITS:
+        raise DataError(f"split '{split}': choose from {', '.join(SPLITS)}")
+    if split == "test" and spec not in NAMED:
+        raise DataError(f"'{spec}' has no test split: only {', '.join(NAMED)} have one")
     if spec == "cifar10":
-        x, labels = _cifar10(root)
+        x, labels = _cifar10(root, split == "train")
     elif spec == "digits":
-        x, labels = _digits()
+        x, labels = _digits(split == "train")
     elif spec in ("mnist", "fashion-mnist"):
-        x, labels = _mnist_like(spec, root)
+        x, labels = _mnist_like(spec, root, split == "train")
     elif not os.path.exists(spec):
         raise DataError(f"data '{spec}' not found: give {', '.join(NAMED)}, a folder of images, a .zip, "
                         "or a .npy/.npz file")
@@ -203,9 +215,9 @@ def first(spec: str, images: torch.Tensor, labels: torch.Tensor | None, n: int |
     return images, labels
 
 
-def load_images(spec: str, root: str = "data", n: int | None = None) -> torch.Tensor:
+def load_images(spec: str, root: str = "data", n: int | None = None, split: str = "train") -> torch.Tensor:
     """Dataset `spec` (see the module docstring) as a uint8 tensor (N, C, H, W); the first `n` if given."""
-    return load_labelled(spec, root, n)[0]
+    return load_labelled(spec, root, n, split)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,9 +231,10 @@ if __name__ == "__main__":
     p.add_argument("spec", help="cifar10 | digits | mnist | fashion-mnist | DIR | FILE.zip | FILE.npy/.npz")
     p.add_argument("--root", default="data", help="download folder of the named datasets")
     args = p.parse_args()
-    try:
-        images, labels = load_labelled(args.spec, args.root)
-    except DataError as e:
-        sys.exit(f"data.py: error: {e}")
-    print(f"{args.spec}: {tuple(images.shape)} {images.dtype}, "
-          + ("no labels" if labels is None else f"images per label {labels.bincount().tolist()}"))
+    for split in SPLITS if args.spec in NAMED else SPLITS[:1]:
+        try:
+            images, labels = load_labelled(args.spec, args.root, split=split)
+        except DataError as e:
+            sys.exit(f"data.py: error: {e}")
+        print(f"{args.spec} {split}: {tuple(images.shape)} {images.dtype}, "
+              + ("no labels" if labels is None else f"images per label {labels.bincount().tolist()}"))

@@ -43,7 +43,8 @@ What is here, top to bottom:
   pixel_features         the pixel-space variant for tiny images (8x8 digits): (N, C*H*W) in [-1, 1]
   feature_stats, frechet_distance   the Fréchet distance
   prdc, precision_recall, expected_coverage   precision, recall, density, coverage from the k-NN radii
-  class_metrics, feature_metrics, noise_floor   the class histogram, all metrics at once, two real halves
+  class_metrics, feature_metrics, noise_floor   the class histogram, all metrics at once, two real sets
+  nearest_distances      each sample's distance to its nearest real image (the memorization measure)
   reference              reference statistics cached on disk together with what they were computed from
   main                   the command line
 
@@ -91,6 +92,8 @@ class Config:
     fd_method: str = "sqrtm"    # "sqrtm": scipy.linalg.sqrtm, as pytorch-fid (2048-d: ~40 CPU-s on a 2-core Xeon);
                                 # "eigh": pivoted Cholesky + symmetric eigenvalues (~7 CPU-s there at full rank,
                                 # 0.3 s at rank 5; same FID to 1e-15 relative at full rank)
+    floor_splits: int = 20      # random pairs of real halves the noise floor's mean and sd are taken over
+    floor_max_half: int = 2000  # points in each of them at most: FD is scaled to the sizes asked, the rest hardly move
     min_images: int = 2048      # fewer than Inception's 2048 dims: singular covariance, biased FID (pytorch-fid README)
     precision: str = "fp32"     # "fp32" (exact, TF32 off) | "tf32" (CUDA) | "bf16" (autocast); see inception_features
     weights_url: str = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -622,25 +625,43 @@ def feature_metrics(real_feats, fake_feats, k: int = CFG.k, device=None, fd_meth
     return {"fd": fd, **prdc(real_feats, fake_feats, k, device)}  # (prdc computes in float32, as fld)
 
 
-def noise_floor(real_feats, seed: int = 0, labels=None, n_classes: int | None = None, k: int = CFG.k,
-                device=None, fd_method: str = "eigh", min_frac: float = CFG.min_frac) -> dict:
-    """The metrics between two disjoint random halves of one real set: what sampling noise alone gives.
+def noise_floor(real_feats, n_fake: int | None = None, n_ref: int | None = None, splits: int = CFG.floor_splits,
+                seed: int = 0, labels=None, n_classes: int | None = None, k: int = CFG.k, device=None,
+                fd_method: str = "eigh", fd_device=None) -> dict:
+    """What two independent real sets of n_fake and n_ref points score against each other: the level a
+    perfect generator reaches with those sizes, as {metric: [mean, standard deviation]}.
 
-    The set (N, D) is permuted with numpy's PCG64 from `seed`; the first N // 2 points play the real set,
-    the next N // 2 the generated one, through feature_metrics (and class_metrics of labels, the same
-    labels for both halves, when given). At half size the floor is an upper estimate for a comparison of
-    N samples with N real images: FD's sampling bias shrinks about as 1/N, and precision, recall, coverage
-    grow with N. Returns the metrics plus n_half and seed."""
+    Measured over `splits` random pairs of disjoint halves of real_feats (N // 2 points each, at most
+    floor_max_half; numpy PCG64 from seed). FD's sampling bias shrinks as 1/N in either set: for two sets of one distribution E[FD] ~ b (1/n1 +
+    1/n2) (the squared mean difference exactly, the covariance term to first order), so each split's FD x half / 2
+    estimates b, and the level and spread at (n_fake, n_ref) are b's mean and sd times (1/n_fake + 1/n_ref).
+    Precision, recall, density and coverage are given at the halves' size (in the digits' feature spaces they
+    do not move with N). class_tv (with labels): a perfect generator's, n_fake labels drawn from the real labels'
+    shares, against those shares. n_fake and n_ref default to the halves' size; fd_device as feature_metrics'."""
     feats = np.asarray(real_feats, dtype=np.float64)
-    half = len(feats) // 2
-    perm = np.random.default_rng(seed).permutation(len(feats))
-    a, b = perm[:half], perm[half:2 * half]                               # disjoint, equal sizes
-    out = {**feature_metrics(feats[a], feats[b], k, device, fd_method), "n_half": half, "seed": seed}
+    half = min(len(feats) // 2, CFG.floor_max_half)
+    n_fake, n_ref = n_fake or half, n_ref or half
+    rng = np.random.default_rng(seed)
+    runs = []
+    for _ in range(splits):
+        perm = rng.permutation(len(feats))
+        r = feature_metrics(feats[perm[:half]], feats[perm[half:2 * half]], k, device, fd_method, fd_device=fd_device)
+        runs.append({**r, "fd": r["fd"] * half / 2 * (1 / n_fake + 1 / n_ref)})
+    out = {key: [float(np.mean(v)), float(np.std(v, ddof=1))] for key in runs[0] for v in [[r[key] for r in runs]]}
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
-        n_classes = int(labels.max()) + 1 if n_classes is None else n_classes
-        out.update(class_metrics(labels[b], labels[a], n_classes, min_frac))
-    return out
+        q = np.bincount(labels, minlength=n_classes or 0) / len(labels)
+        tv = [0.5 * np.abs(rng.multinomial(n_fake, q) / n_fake - q).sum() for _ in range(splits)]
+        out["class_tv"] = [float(np.mean(tv)), float(np.std(tv, ddof=1))]
+    return {**out, "n_fake": n_fake, "n_ref": n_ref, "n_half": half, "splits": splits, "seed": seed}
+
+
+def nearest_distances(queries, points, device=None, chunk: int = CFG.chunk) -> np.ndarray:
+    """(M,) Euclidean distance of each query (M, D) to its nearest point of `points` (N, D), in float32."""
+    q, p = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for a in (queries, points))
+    best = [torch.stack([torch.cdist(a, b).min(1).values for b in _blocks(p, chunk)]).min(0).values  # (A,)
+            for a in _blocks(q, chunk)]
+    return torch.cat(best).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -46,16 +46,25 @@ def save_grid(samples: torch.Tensor, path: str, n: int = 64, title: str = "") ->
 PANELS = {"fid": "FID (Inception)", "fd": "Frechet distance", "precision": "precision", "recall": "recall",
           "density": "density", "coverage": "coverage", "class_tv": "class histogram: TV to real",
           "classes": "classes produced", "pixel_fd": "pixel Frechet distance", "pixel_precision": "pixel precision",
-          "pixel_recall": "pixel recall", "mean_err": "|mu - mu*|", "cov_err": "|Sigma - Sigma*|", "logdet": "log det Sigma"}
-BEST = {"fid": 0, "fd": 0, "pixel_fd": 0, "class_tv": 0, "precision": 1, "recall": 1, "coverage": 1, "density": 1,
-        "pixel_precision": 1, "pixel_recall": 1}  # the ideal value: the floor band runs from it to two real halves'
+          "pixel_recall": "pixel recall", "train_fd": "Frechet distance to the training images",
+          "nn_train_share": "nearest real image: a training one", "mean_err": "|mu - mu*|", "cov_err": "|Sigma - Sigma*|", "logdet": "log det Sigma"}
+
+
+def draw_floor(ax, floor: dict, key: str) -> None:
+    """A noise floor's level of metric `key` (Evaluator.noise_floor) as a dashed line in a grey band of one sd."""
+    if "n_fake" not in floor:  # older runs: one pair of real halves
+        ax.axhline(floor[key], color="0.5", ls="--", lw=1, label="two real halves")
+        return
+    level, sd = floor[key]
+    ax.axhline(level, color="0.5", ls="--", lw=1, label=f"real vs real, {floor['n_fake']} vs {floor['n_ref']} (mean, 1 sd)")
+    ax.axhspan(level - sd, level + sd, color="0.88", zorder=0)
 
 
 def plot_metrics(histories: dict[str, list], path: str, title: str = "", floor: dict | None = None) -> None:
     """One panel per metric against iteration, one line per lambda. A history may also be a list of histories
-    (several seeds): then its mean, with a band of one standard deviation. The noise floor (two halves of the
-    real set, Evaluator.noise_floor) is a grey band from the ideal value to the floor's: moves inside it
-    cannot be told from sampling noise. With one lambda and class histograms, a last panel shows the
+    (several seeds): then its mean, with a band of one standard deviation. The noise floor (Evaluator.noise_floor:
+    what two independent real sets of the evaluated sizes score, mean and sd) is a grey line with a grey band of
+    one sd: where a perfect generator's metric would lie. With one lambda and class histograms, a last panel shows the
     samples' count per class (columns) at each iteration (rows)."""
     import matplotlib
 
@@ -80,11 +89,8 @@ def plot_metrics(histories: dict[str, list], path: str, title: str = "", floor: 
             if len(hs) > 1:
                 std = np.nanstd(values, axis=0, ddof=1)
                 ax.fill_between(iters, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
-        if floor and key in floor and key in BEST:
-            ax.axhspan(min(BEST[key], floor[key]), max(BEST[key], floor[key]), color="0.88", zorder=0,
-                       label="two real halves")
-        elif floor and key in floor:
-            ax.axhline(floor[key], color="0.6", ls="--", lw=1, label="two real halves")
+        if floor and key in floor:
+            draw_floor(ax, floor, key)
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(PANELS[key], fontsize=10)
@@ -201,53 +207,76 @@ def digits_figures(runs: str, results: str, models: tuple, lams: tuple, seeds: t
                 sheet.paste(img, (j * (w + 8), i * (h + 8)))
         made.append(os.path.join(results, f"digits-{m}_samples.png"))
         sheet.save(made[-1])
-    made.append(digits_table(runs, results, models, lams, seeds, iters))
+    made += digits_table(runs, results, models, lams, seeds, iters)
     return made
 
 
-def digits_table(runs: str, results: str, models: tuple, lams: tuple, seeds: tuple, iters: int) -> str:
+def paired_test(x: np.ndarray, y: np.ndarray) -> str:
+    """y - x paired over seeds: the mean difference, its 95% interval and the two-sided paired t-test's p-value."""
+    import scipy.stats
+
+    d = y - x
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}], p = {scipy.stats.ttest_rel(y, x).pvalue:.2g}"
+
+
+def digits_table(runs: str, results: str, models: tuple, lams: tuple, seeds: tuple, iters: int) -> list[str]:
     """results/digits_table.md: iteration 0 and the last (iters) per model and lambda, mean ± standard deviation
-    over the seeds; the noise floor (two halves of the real set); and which neighbouring lambdas differ in the
-    last iteration's FD by more than twice the standard error of the difference."""
+    over the seeds; the noise floor at the curves' sizes; and neighbouring lambdas compared by a paired t-test over
+    the seeds (each seed's lambdas share its iteration 0) on FD averaged over the second half of the iterations.
+    results/digits_seeds.csv: every seed's metrics at every iteration, for other tests."""
     def at(hs, it, key):
         return np.array([next(r[key] for r in h if r["iter"] == it) for h in hs], dtype=float)
+
+    def late(hs, key):  # (seeds,) mean over iterations iters/2 .. iters
+        return np.mean([at(hs, it, key) for it in range(iters // 2, iters + 1)], axis=0)
 
     def ms(x, digits=3):
         return f"{x.mean():.{digits}f} ± {x.std(ddof=1):.{digits}f}"
 
-    last = iters
-    lines = [f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}; FD, precision, recall and "
-             "coverage in the classifier's feature space (k = 3), classes = digits the classifier finds among the "
-             "samples, pixel FD on raw pixels. Written by `python reproduce.py digits`.", "",
-             f"| model | λ | FD it 0 | FD it {last} | precision 0 → {last} | recall 0 → {last} | "
-             f"coverage 0 → {last} | class TV it {last} | pixel FD it 0 → {last} |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    floors, tests = [], []
+    last, half = iters, iters // 2
+    lines = [f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))}. FD, precision, recall and coverage in "
+             "the classifier's feature space (k = 3) against the digits' test split (599 images no model and not the "
+             "classifier saw); train FD against the training digits (the paper's view); copies: the share of samples "
+             "whose nearest real image (pixels) is a training one among as many training as test digits (0.5: no "
+             "copying); class TV of the samples' digit histogram; pixel FD on raw pixels. Written by "
+             "`python reproduce.py digits`.", "",
+             f"| model | λ | FD it 0 | FD it {last} | train FD it {last} | precision 0 → {last} | recall 0 → {last} | "
+             f"coverage 0 → {last} | copies it {last} | class TV it {last} | pixel FD it 0 → {last} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    floors, tests, rows = [], [], []
     for m in models:
         hs_of, config = digits_runs(runs, m, lams, seeds)
         for lam, hs in hs_of.items():
             lines.append(f"| {m} | {lam} | {ms(at(hs, 0, 'fd'), 2)} | {ms(at(hs, last, 'fd'), 2)} | "
+                         f"{ms(at(hs, last, 'train_fd'), 2)} | "
                          + " | ".join(f"{at(hs, 0, k).mean():.2f} → {ms(at(hs, last, k), 2)}"
                                       for k in ("precision", "recall", "coverage"))
-                         + f" | {ms(at(hs, last, 'class_tv'), 3)} | {at(hs, 0, 'pixel_fd').mean():.3f} → "
-                           f"{ms(at(hs, last, 'pixel_fd'), 3)} |")
+                         + f" | {ms(at(hs, last, 'nn_train_share'), 2)} | {ms(at(hs, last, 'class_tv'), 3)} | "
+                           f"{at(hs, 0, 'pixel_fd').mean():.3f} → {ms(at(hs, last, 'pixel_fd'), 3)} |")
+            rows += [{"model": m, "lam": lam, "seed": seed, **{k: v for k, v in r.items() if isinstance(v, (int, float))}}
+                     for seed, h in zip(seeds, hs) for r in h]
         f = config["noise_floor"]
-        floors.append(f"FD {f['fd']:.2f}, precision {f['precision']:.2f}, recall {f['recall']:.2f}, "
-                      f"coverage {f['coverage']:.2f}, class TV {f['class_tv']:.3f}, pixel FD {f['pixel_fd']:.3f}")
+        floors.append(", ".join(f"{name} {f[k][0]:.{d}f} ± {f[k][1]:.{d}f}" for name, k, d in
+                                (("FD", "fd", 2), ("train FD", "train_fd", 2), ("precision", "precision", 2),
+                                 ("recall", "recall", 2), ("coverage", "coverage", 2), ("class TV", "class_tv", 3),
+                                 ("pixel FD", "pixel_fd", 3)))
+                      + f" ({f['n_fake']} samples vs {f['n_ref']} test digits)")
         for a, b in zip(lams, lams[1:]):
-            x, y = at(hs_of[a], last, "fd"), at(hs_of[b], last, "fd")
-            se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
-            tests.append(f"{m} λ {a} vs {b}: {y.mean() - x.mean():+.2f} ± {se:.2f} "
-                         + ("(above the noise)" if abs(y.mean() - x.mean()) > 2 * se else "(within the noise)"))
+            tests.append(f"{m} λ {a} → {b}: {paired_test(late(hs_of[a], 'fd'), late(hs_of[b], 'fd'))}")
     floors = [floors[0]] if len(set(floors)) == 1 else [f"{m}: {f}" for m, f in zip(models, floors)]
-    lines += ["", "Noise floor, two disjoint halves of the real digits against each other (seed 0's runs): "
-              + "; ".join(floors) + ".", "",
-              f"Difference in FD at iteration {last} between neighbouring λ, ± its standard error over the seeds "
-              "(above the noise when more than twice it): " + "; ".join(tests) + "."]
+    lines += ["", f"Noise floor, what two independent real sets of these sizes score (mean ± sd over {f['splits']} "
+              "random splits of the real digits; FD scaled from the splits' size as 1/N): " + "; ".join(floors) + ".", "",
+              f"FD averaged over iterations {half}-{last}, λ against the next λ, paired over the {len(seeds)} seeds: the "
+              "mean difference, its 95% interval and the paired t-test's p-value: " + "; ".join(tests) + "."]
     path = os.path.join(results, "digits_table.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return path
+    keys = [k for k in rows[0] if all(k in r for r in rows)]
+    csv = os.path.join(results, "digits_seeds.csv")
+    with open(csv, "w") as f:
+        f.write(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+    return [path, csv]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -526,7 +555,7 @@ def regimes_digits_figures(folder: str, results: str, *, model: str, pools: tupl
         notes.append(f"- fully synthetic, {pool}: FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), "
                      f"coverage {h[0]['coverage']:.2f} → {h[-1]['coverage']:.2f}, classes {h[-1]['classes']}, "
                      f"training set {h[-1]['n_synth']} samples")
-    ax_pool.axhline(floor["fd"], color="0.6", ls=":", lw=1, label="two real halves")
+    draw_floor(ax_pool, floor, "fd")
     ax_pool.set(xlabel="iteration", ylabel="FD", yscale="log", title="fully synthetic (λ = ∞): the synthetic pool")
     for tau, style in zip(taus, ("o-", "s--")):
         for real, color in zip(reals, ("tab:red", "tab:blue", "tab:green")):
@@ -536,7 +565,7 @@ def regimes_digits_figures(folder: str, results: str, *, model: str, pools: tupl
             notes.append(f"- n = {mad_n}, λ = {mad_lam}, --real {real}, τ = {tau:g}: FD {h[0]['fd']:.2f} → "
                          f"{h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), precision {h[-1]['precision']:.2f}, "
                          f"recall {h[-1]['recall']:.2f}")
-    ax_mad.axhline(floor_mad["fd"], color="0.6", ls=":", lw=1, label=f"two sets of {floor_mad['n_half']} real digits")
+    draw_floor(ax_mad, floor_mad, "fd")
     ax_mad.set(xlabel="iteration", ylabel="FD", yscale="log",
                title=f"Alemohammad et al.'s loops: n = {mad_n} real, λ = {mad_lam}")
     for lam in curate_lams:
@@ -558,15 +587,16 @@ def regimes_digits_figures(folder: str, results: str, *, model: str, pools: tupl
         h = [r for r in runs[name] if r["iter"] <= start_iters]
         notes.append(f"- {label}: FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), "
                      f"{sum(r.get('steps', 0) for r in h)} training steps after iteration 0")
-    ax_start.axhline(floor["fd"], color="0.6", ls=":", lw=1, label="two real halves")
+    draw_floor(ax_start, floor, "fd")
     ax_start.set(xlabel="iteration", ylabel="FD", yscale="log",
                  title="fine-tuning (warm) or the whole pretraining again (scratch)")
     for ax in (ax_pool, ax_mad, ax_cur, ax_start):
         ax.legend(fontsize=7)
     fig.suptitle(f"The self-consuming regimes on the 8x8 digits: {model}, small preset, seed 0; "
                  "FD in the digits classifier's feature space", fontsize=10)
-    notes.append(f"- noise floor, two disjoint sets of {floor['n_half']} real digits: FD {floor['fd']:.2f} "
-                 f"(the MAD loops' evaluation: two of {floor_mad['n_half']}, FD {floor_mad['fd']:.2f})")
+    notes.append(f"- noise floor, two independent real sets of {floor['n_fake']} and {floor['n_ref']} digits: FD "
+                 f"{floor['fd'][0]:.2f} ± {floor['fd'][1]:.2f} (the MAD loops' evaluation: {floor_mad['n_fake']} and "
+                 f"{floor_mad['n_ref']}, FD {floor_mad['fd'][0]:.2f} ± {floor_mad['fd'][1]:.2f})")
     made = save(fig, os.path.join(results, "regimes-digits.png"))
     path = os.path.join(results, "regimes-digits.md")
     with open(path, "w") as f:

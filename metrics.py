@@ -4,12 +4,15 @@ Bertrand et al. (ICLR 2024) measure every retraining iteration by FID, precision
 against the 50k CIFAR-10 training images. Evaluator does the same in a feature space fitted to the data
 (below), with fid.py's formulas: the Frechet distance between Gaussian fits of the two feature sets (FID when
 the features are Inception's, FD otherwise), precision, recall, density and coverage of k-nearest-neighbour
-balls (Kynkaanniemi et al. 2019; Naeem et al. 2020), and in a classifier's space the samples' class histogram.
-Its noise floor is the same metrics between two disjoint sets of real images: what sampling noise alone gives.
+balls (Kynkaanniemi et al. 2019; Naeem et al. 2020), and in a classifier's space the samples' class histogram;
+against a held-out test split first, and against the training images as a second view, with a measure of
+copying. Its noise floor is what two independent real sets of the same sizes score: sampling noise alone.
 
-    evaluate = Evaluator(real, labels, "auto", None, n_eval=1797, device="cpu", progress=False, cache=...,
-                         classifier_cache="cache", seed=0)
-    evaluate(samples)   # {"fd": .., "precision": .., "recall": .., ..., "features": "classifier"}
+    import data
+    test, train = data.load_labelled("digits", split="test"), data.load_labelled("digits")
+    evaluate = Evaluator(test, train, len(train[0]), "auto", None, n_eval=1198, device=torch.device("cpu"),
+                         progress=False, cache="runs/x", classifier_cache="cache", seed=0)
+    evaluate(samples)   # {"fd": .., "precision": .., ..., "train_fd": .., "nn_train_share": .., "features": "classifier"}
 """
 
 import json
@@ -31,28 +34,38 @@ from settings import lam_folder, save_atomic
 
 
 class Evaluator:
-    """The metrics of samples against the real training set, in one feature space (recorded as `features`):
+    """The metrics of samples against a real reference set, in one feature space (recorded as `features`):
 
         inception   Inception-v3 pool features (FID): images of 32 px or more, when the weights are available
-        classifier  the penultimate features of a small classifier trained on the real set's labels
+        classifier  the penultimate features of a small classifier trained on the training split's labels
                     (classifier.py): the default for labelled images under 32 px or in greyscale (the digits,
                     MNIST), where Inception's 299-px colour view means little and raw pixels judge poorly
         pixel       raw pixels (--metrics pixel, or small images without labels)
         raw         the vectors of --data gaussian
 
-    In each: the Frechet distance ("fid" for Inception, else "fd") against the whole real set; precision,
-    recall, density and coverage (k = 3) against its first n_eval points, so both sets hold as many points
-    as the paper's 50k vs 50k. In classifier space also the samples' classes (the classifier's argmax):
-    the total variation distance of their histogram to the real labels' (class_tv), the number of classes
-    produced (classes) and the histogram (class_hist); and the pixel-space metrics as a second view
-    (pixel_fd, pixel_precision, ...). `floor` holds the same metrics between two disjoint sets of real
-    images (n_eval each, at most half the set): what sampling noise alone gives. Under torchrun every rank
-    extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
+    The reference is the dataset's test split where it has one (held out from every model and from the
+    classifier), else the training set. In each space: the Frechet distance ("fid" for Inception, else "fd")
+    against the whole reference; precision, recall, density and coverage (k = 3) against its first n_eval
+    points. With a test split, a second view as the paper measures (against the training set): train_fd,
+    train_precision, train_recall against the model's real training images (their first n_eval), and a
+    memorization measure in pixel space, from each sample's nearest real image among m training and m
+    reference images (m = the smaller set): nn_train_share, the share of samples whose nearest is a
+    training image (0.5 for a model that does not copy, 1 for one that does), and nn_ratio, the mean distance
+    to the nearest training image over that to the nearest reference one (1: no copying). In classifier
+    space also the samples' classes (the classifier's argmax): the total variation distance of their histogram
+    to the reference labels' (class_tv), the number of classes produced (classes) and the histogram
+    (class_hist); and the pixel-space metrics (pixel_fd, pixel_precision, ...). `floor` holds what two
+    independent real sets of these sizes score (fid.noise_floor: [mean, sd] per metric). Under torchrun every
+    rank extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
 
-    def __init__(self, real: torch.Tensor, labels: torch.Tensor | None, choice: str, inception: str | None,
+    def __init__(self, reference: tuple, train: tuple | None, n_train: int, choice: str, inception: str | None,
                  n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int):
+        """reference, train: (uint8 images or float vectors, labels or None); train the training split (None when
+        the data have no test split: then the reference is the training set), whose first n_train the model
+        trains on. cache: a folder for the Inception features of the reference and training images."""
         self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
         self.main = rank_world()[0] == 0
+        real, labels = reference
         is_image = real.dtype == torch.uint8
         small = is_image and (real.shape[-1] < 32 or real.shape[1] == 1)  # digits, MNIST: not Inception's kind of image
         if choice == "classifier" or (choice == "auto" and small and labels is not None):
@@ -75,24 +88,33 @@ class Evaluator:
         self.floor = {}  # rank 0's, below
         if not self.main:
             return
+        trained_on = None if train is None else train[0][:min(n_train, n_eval)]  # the second view's real images
         if self.kind == "classifier":
             import classifier
 
-            self.clf, self.clf_info = classifier.get(real, labels, classifier_cache, progress=progress)
-            self.labels, self.n_classes = labels.numpy(), int(labels.max()) + 1
+            self.clf, self.clf_info = classifier.get(*(train or reference), classifier_cache, progress=progress)
+            self.labels, self.n_classes = labels.numpy(), int((train or reference)[1].max()) + 1
             self.pixel_real = fid.pixel_features(real)
             self.pixel_stats = fid.feature_stats(self.pixel_real)
-        if self.net is not None:
-            try:
-                ref = fid.reference(real, name=f"train-{len(real)}", path=cache, net=self.net, device=device,
-                                    progress=progress)
-            except fid.ReferenceMismatch as e:
-                raise UserError(str(e)) from None
-            self.real_feats, self.real_stats = ref["features"], (ref["mu"], ref["sigma"])
-        else:
-            self.real_feats = self.features(real)
-            self.real_stats = fid.feature_stats(self.real_feats)
+        self.real_feats = self.real_features(real, "reference", cache)
+        self.real_stats = fid.feature_stats(self.real_feats)
+        if trained_on is not None:
+            self.train_feats = self.real_features(trained_on, "train", cache)
+            self.train_stats = fid.feature_stats(self.train_feats)
+            self.train_pixels = fid.pixel_features(trained_on)
+            m = min(len(trained_on), len(real))  # as many of each: a sample that copies nothing is as near to either
+            self.nn_sets = self.train_pixels[:m], fid.pixel_features(real[:m])
         self.floor = self.noise_floor(seed)
+
+    def real_features(self, x: torch.Tensor, name: str, cache: str) -> np.ndarray:
+        """Features of real images (or vectors); Inception's through fid.reference's cache file in `cache`."""
+        if self.net is None:
+            return self.features(x)
+        try:
+            return fid.reference(x, name=f"{name}-{len(x)}", path=os.path.join(cache, f"{name}-features.npz"),
+                                 net=self.net, device=self.device, progress=self.progress)["features"].astype(np.float64)
+        except fid.ReferenceMismatch as e:
+            raise UserError(str(e)) from None
 
     def features(self, x: torch.Tensor) -> np.ndarray | None:
         """Features of x on rank 0 (None on the others). Inception: each rank extracts its share, and rank 0
@@ -126,11 +148,13 @@ class Evaluator:
         return torch.cat([p[:len(s)] for p, s in zip(parts, shares)]).cpu().double().numpy()
 
     def space_metrics(self, fake_feats: np.ndarray, real_feats: np.ndarray, real_stats: tuple) -> dict:
-        """Frechet distance against real_stats; precision, recall, density, coverage against real_feats' first
-        n_eval points. The matrix square root from symmetric eigenvalues: on a GPU with torch (a second for
-        Inception's 2048 dimensions, where scipy's sqrtm takes ~40 CPU-s), on a CPU with LAPACK."""
-        return fid.feature_metrics(real_feats[:self.n_eval], fake_feats, k=3, device=self.device,
-                                   real_stats=real_stats, fd_device=self.device if self.device.type == "cuda" else None)
+        """Frechet distance of all samples against real_stats; precision, recall, density, coverage of as many samples
+        as real points (at most n_eval). The matrix square root from symmetric eigenvalues: on a GPU with torch (a
+        second for Inception's 2048 dimensions, where scipy's sqrtm takes ~40 CPU-s), on a CPU with LAPACK."""
+        m = min(len(fake_feats), len(real_feats), self.n_eval)
+        fd = fid.frechet_distance(*fid.feature_stats(fake_feats), *real_stats, method="eigh",
+                                  device=self.device if self.device.type == "cuda" else None)
+        return {"fd": fd, **fid.prdc(real_feats[:m], fake_feats[:m], k=3, device=self.device)}
 
     def __call__(self, fake: torch.Tensor) -> dict:
         """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
@@ -139,6 +163,13 @@ class Evaluator:
             return {}
         r = self.space_metrics(f, self.real_feats, self.real_stats)
         r = {self.fd_key: r.pop("fd"), **r, "features": self.kind}
+        if hasattr(self, "train_feats"):
+            train = self.space_metrics(f, self.train_feats, self.train_stats)
+            r.update({f"train_{k}": train[k] for k in ("fd", "precision", "recall")})
+            pixels = fid.pixel_features(fake)
+            d_train, d_ref = (fid.nearest_distances(pixels, points, self.device) for points in self.nn_sets)
+            r.update(nn_train_share=float(np.mean((d_train < d_ref) + 0.5 * (d_train == d_ref))),
+                     nn_ratio=float(d_train.mean() / d_ref.mean()))
         if self.kind == "classifier":
             import classifier
 
@@ -148,16 +179,22 @@ class Evaluator:
         return r
 
     def noise_floor(self, seed: int) -> dict:
-        """The metrics between two disjoint random sets of the real images (n_eval each, at most half of them), in
-        the keys the samples' metrics use, with `n_half`: the floor under which a sample's distance, and above
-        which its precision, recall, density and coverage, cannot be told from sampling noise."""
-        m = min(self.n_eval, len(self.real_feats) // 2)
+        """What two independent real sets of the evaluated sizes score (n_eval samples against the reference; the
+        training view against its images), [mean, sd] per metric in the keys the samples' metrics use. The real
+        halves are drawn from the reference and the training view's images together."""
+        pool = np.concatenate([self.real_feats, getattr(self, "train_feats", self.real_feats[:0])])
         labelled = self.kind == "classifier"
-        r = fid.noise_floor(self.real_feats[:2 * m], seed=seed, labels=self.labels[:2 * m] if labelled else None,
-                            n_classes=self.n_classes if labelled else None, device=self.device)
+        r = fid.noise_floor(pool, self.n_eval, len(self.real_feats), seed=seed, device=self.device,
+                            labels=self.labels if labelled else None, n_classes=self.n_classes if labelled else None,
+                            fd_device=self.device if self.device.type == "cuda" else None)
         r = {self.fd_key: r.pop("fd"), **r}
+        if hasattr(self, "train_feats"):  # FD's level moves with the reference's size alone (fid.noise_floor)
+            scale = (1 / self.n_eval + 1 / len(self.train_feats)) / (1 / self.n_eval + 1 / len(self.real_feats))
+            r.update(train_fd=[v * scale for v in r[self.fd_key]], train_precision=r["precision"], train_recall=r["recall"],
+                     nn_train_share=[0.5, 0.5 / self.n_eval ** 0.5])  # each sample nearer either set at even odds
         if labelled:
-            pixel = fid.noise_floor(self.pixel_real[:2 * m], seed=seed, device=self.device)
+            pixels = np.concatenate([self.pixel_real, getattr(self, "train_pixels", self.pixel_real[:0])])
+            pixel = fid.noise_floor(pixels, self.n_eval, len(self.pixel_real), seed=seed, device=self.device)
             r.update({f"pixel_{k}": pixel[k] for k in ("fd", "precision", "recall", "density", "coverage")})
         return r
 

@@ -50,8 +50,8 @@ CURATE_LAMS, BETAS, CURATE_N, CURATE_K, CURATE_ITERS, CURATE_SEEDS = ("inf", "1"
 # The same regimes on the digits, with one image model (seed 0; its noise floor in each run's config.json)
 DIGITS_REGIMES, RD_MODEL = f"{RUNS}/regimes-digits", "ddpm"
 RD_POOL_ITERS = 20  # fully synthetic, all 1,797 digits' worth of samples per generation
-RD_MAD_N, RD_MAD_ITERS = 160, 10  # fresh real data needs 11 disjoint sets of 160 of the 1,797 digits
-RD_MAD_EVAL = 1797  # samples per iteration in those loops, measured against all 1,797 digits (160 are trained on)
+RD_MAD_N, RD_MAD_ITERS = 100, 10  # fresh real data needs 11 disjoint sets of 100 of the 1,198 training digits
+RD_MAD_EVAL = 1198  # samples per iteration in those loops, as many as the digits stage's (100 are trained on)
 RD_CURATE_K, RD_CURATE_CLASS, RD_CURATE_ITERS = 4, 0, 10  # keep 1 of 4 by softmax(log p(class 0 | x))
 RD_START_ITERS = 3  # from scratch, every iteration costs a whole pretraining (6,000 steps)
 

@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=2, help="dimension of --data gaussian")
     p.add_argument("--kimg", type=float, default=None, help="thousands of images seen per retraining iteration (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help=f"samples evaluated per iteration (default: {N_EVAL_PAPER}, or all of a smaller data set)")
+    p.add_argument("--n-ref", type=int, default=None, help="measure against the first N images of the test split (default: all)")
     p.add_argument("--init", default=None, help="initial model: a checkpoint path, or 'official' to download the released one")
     p.add_argument("--preset", default="auto", help="auto | paper | small (or another preset of the model); auto: paper on CUDA, small on CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a field of the model's Config (repeatable)")
@@ -383,8 +384,9 @@ def start_run(s: Settings, model, how: str | None, threads: str):
         say_settings(s, model, threads)
     barrier()  # the run folder is ready before any rank looks into it
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
-        evaluate = Evaluator(*s.reference, s.args.metrics, s.args.inception, s.config["n_eval"], s.device, s.progress,
-                             cache=os.path.join(s.out, "real-features.npz"), classifier_cache=s.cache, seed=s.seed)
+        evaluate = Evaluator(s.reference, s.whole if s.config["reference"] == "test" else None, len(s.real), s.args.metrics,
+                             s.args.inception, s.config["n_eval"], s.device, s.progress, cache=s.out,
+                             classifier_cache=s.cache, seed=s.seed)
     if s.main:  # what the metrics are measured with, and their noise floor, beside the run's settings
         s.config["features"] = evaluate.kind
         if evaluate.clf is not None:
@@ -412,7 +414,8 @@ def say_settings(s: Settings, model, threads: str) -> None:
     budget = f" of {c['kimg']:g} kimg" if hasattr(s.cfg, "batch") else " (closed-form fits)"
     print(f"retrain.py: {c['model']} ({c['preset']}) on {c['data']}: n={c['n_real']} real, lam={', '.join(c['lams'])}, "
           f"{c['iters']} iterations{budget}, {c['n_eval']} samples evaluated per iteration"
-          + (f" against all {c['n_reference']} images" if c["n_reference"] != c["n_real"] else "")
+          + (f" against the {c['n_reference']} images of the test split" if c["reference"] == "test"
+             else f" against all {c['n_reference']} images" if c["n_reference"] != c["n_real"] else "")
           + f", device {s.device}" + (f" x {s.world} processes" if s.world > 1 else "") + f" -> {s.out}")
     print("retrain.py: " + ", ".join([*(f"{k} {v}" for k, v in getattr(model, "profile", {}).items()), threads])
           + (", TF32 matmuls" if s.device.type == "cuda" else ""))

@@ -84,7 +84,8 @@ class Settings:
     regime: regimes.Regime
     config: dict              # config.json's content
     real: torch.Tensor        # the n real images (uint8 (n, C, H, W)) or vectors (float64 (n, d))
-    reference: tuple          # (images, labels) the samples are measured against: the whole data set
+    reference: tuple          # (images, labels) the samples are measured against: the test split, else the training set
+    whole: tuple | None       # (images, labels): the whole training split (real is its first n); None for vectors
     truth: tuple | None       # the Gaussian's true (mu, Sigma)
     lams: list                # the lambdas of the run
     iters: int                # the last iteration
@@ -122,23 +123,30 @@ def choose_preset(args, device: torch.device) -> tuple[str, str]:
     return preset, data_spec
 
 
-def load_real(args, data_spec: str) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-    """(real, whole, truth): the n real images, uint8 (n, C, H, W), and the whole labelled data set they are the
-    first n of, (images, labels or None); or for --data gaussian n float64 vectors, None, and the true (mu, Sigma)."""
+def load_real(args, data_spec: str) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+    """(real, whole, test, truth): the n real images, uint8 (n, C, H, W), the whole labelled training split they are
+    the first n of, (images, labels or None), and the first --n-ref images of the test split of a named dataset
+    (else None); or for --data gaussian n float64 vectors, None, None and the true (mu, Sigma)."""
     if data_spec == "gaussian":
         import gaussian
 
         n = 1000 if args.n_real is None else args.n_real
         if n < 2:
             raise UserError(f"--n-real {n}: need at least 2 samples")
-        return gaussian.make_data(args.dim, n, seed=args.seed), None, gaussian.truth(args.dim)
+        return gaussian.make_data(args.dim, n, seed=args.seed), None, None, gaussian.truth(args.dim)
     try:
         whole = data.load_labelled(data_spec, root=args.data_root)
+        test = data.load_labelled(data_spec, root=args.data_root, split="test") if data_spec in data.NAMED else None
     except data.DataError as e:
         raise UserError(str(e)) from None
+    if test is not None and args.n_ref is not None:
+        if not 2 <= args.n_ref <= len(test[0]):
+            raise UserError(f"--n-ref {args.n_ref}: the test split of '{data_spec}' holds {len(test[0])} images; "
+                            f"give 2 to {len(test[0])}")
+        test = data.first(data_spec, *test, args.n_ref)
     if args.n_real is not None and not 1 <= args.n_real <= len(whole[0]):
         raise UserError(f"--n-real {args.n_real}: '{data_spec}' holds {len(whole[0])} images; give 1 to {len(whole[0])}")
-    return data.first(data_spec, *whole, args.n_real)[0], whole, None
+    return data.first(data_spec, *whole, args.n_real)[0], whole, test, None
 
 
 def model_config(args, module, preset: str, real: torch.Tensor):
@@ -178,10 +186,10 @@ def resolve(args, world: int, device: torch.device, command: str | None = None) 
         raise UserError(f"model {args.model} has no preset '{preset}'; choose from {', '.join(module.PRESETS)}")
     if data_spec == "gaussian" and args.model != "gaussian":
         raise UserError("--data gaussian is vector data for --model gaussian; image models need images (digits, cifar10, a path)")
-    real, whole, truth = load_real(args, data_spec)
-    # the samples are measured against the distribution the model is to learn: with --n-real on a data set, the
-    # whole set (as FID is measured against a whole training set; fresh real data is also drawn from it)
-    reference = whole if whole is not None else (real, None)
+    real, whole, test, truth = load_real(args, data_spec)
+    # the samples are measured against real images no model has seen, the test split; without one, against the
+    # whole training set (as the paper measures FID), of which --n-real takes the first n
+    reference = test if test is not None else whole if whole is not None else (real, None)
     cfg = model_config(args, module, preset, real)
     if getattr(cfg, "batch", world) % world:  # each process trains on batch / world images of every step
         raise UserError(f"batch {cfg.batch} does not divide among {world} processes; use a multiple of {world} "
@@ -189,19 +197,19 @@ def resolve(args, world: int, device: torch.device, command: str | None = None) 
     regime = regimes.Regime(**{f: getattr(args, f) for f in regimes.FLAGS}).check(data_spec, real, lams, args.iters, whole)
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n = len(real)
-    if args.n_eval is not None and not 1 <= args.n_eval <= len(reference[0]):
-        raise UserError(f"--n-eval {args.n_eval}: the samples are measured against {len(reference[0])} real ones; "
-                        f"give 1 to {len(reference[0])}")
+    if args.n_eval is not None and args.n_eval < 4:
+        raise UserError(f"--n-eval {args.n_eval}: precision and recall need 4 samples or more")
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
     n_synth = {lam: n if math.isinf(lam) else round(lam * n) for lam in lams}
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(data_spec.rstrip('/'))}")
     config = {"command": command,
-              "model": args.model, "preset": preset, "data": data_spec, "n_real": n, "n_reference": len(reference[0]),
+              "model": args.model, "preset": preset, "data": data_spec, "n_real": n,
+              "reference": "test" if test is not None else "train", "n_reference": len(reference[0]),
               "n_eval": n_eval, "lams": [lam_label(lam) for lam in lams], "iters": args.iters, "kimg": kimg,
               **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics, "world_size": world,
               "device": device.type, "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
-    return Settings(args, args.model, module, cfg, regime, config, real, reference, truth, lams, args.iters, args.seed,
+    return Settings(args, args.model, module, cfg, regime, config, real, reference, whole, truth, lams, args.iters, args.seed,
                     n_synth, {lam: max(n_eval, n_synth[lam]) for lam in lams}, out,
                     args.cache or os.path.join(os.path.dirname(os.path.abspath(out)), "cache"), device, world,
                     rank_world()[0] == 0 and not args.no_progress and sys.stderr.isatty())  # bars on a terminal only
@@ -214,8 +222,8 @@ def check_folder(s: Settings) -> None:
     if os.path.exists(path) and args.resume:
         with open(path) as f:
             saved = json.load(f)
-        old = {**regimes.DEFAULTS, "n_reference": saved.get("n_real"), **saved}  # older runs: the paper's loop,
-        new = json.loads(json.dumps(s.config))  # measured against their real set
+        old = {**regimes.DEFAULTS, "n_reference": saved.get("n_real"), "reference": "train", **saved}  # older runs: the
+        new = json.loads(json.dumps(s.config))  # paper's loop, measured against their real set
         differ = []
         for key in new:
             if key in ("world_size", "device") and old.get(key) != new[key] and s.main:

@@ -21,7 +21,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def digits_classifier(tmp_path_factory):
-    """classifier.get's (net, info) for all 1,797 digits and the default Config, trained once per test process.
+    """classifier.get's (net, info) for the digits' training split and the default Config, trained once per test process.
     Tests whose runs measure the digits in its space copy info["path"] into their run's cache folder, where
     retrain.py finds it by its hash."""
     import classifier

@@ -293,7 +293,7 @@ def test_reference_cache_mismatch_on_rank_0_ends_both_ranks(tmp_path):
     np.save(tmp_path / "images.npy", images.numpy())
     torch.save(fid.FIDInception().state_dict(), tmp_path / "inception.pth")
     (tmp_path / "run").mkdir()
-    fid.reference(images.flip(0), name="other", path=str(tmp_path / "run" / "real-features.npz"), progress=False)
+    fid.reference(images.flip(0), name="other", path=str(tmp_path / "run" / "reference-features.npz"), progress=False)
     results = run_ranks(lambda r: [*TINY_RUN, "--data", tmp_path / "images.npy", "--metrics", "inception",
                                    "--inception", tmp_path / "inception.pth", "--out", tmp_path / "run",
                                    "--resume", "--force"], timeout=60)

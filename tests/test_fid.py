@@ -307,19 +307,34 @@ def test_class_metrics_by_hand():
 
 
 def test_feature_metrics_and_noise_floor():
+    """noise_floor by hand: 3 random pairs of disjoint halves of 200 (PCG64 from the seed), FD scaled from 200 vs 200 to
+    100 vs 400 as 1/n1 + 1/n2, the rest at the halves' size; class_tv from 100 labels drawn from the real shares."""
     rng = np.random.default_rng(13)
     feats, labels = rng.normal(size=(401, 5)), rng.integers(0, 4, size=401)
-    floor = fid.noise_floor(feats, seed=3, labels=labels)
-    perm = np.random.default_rng(3).permutation(401)
-    a, b = perm[:200], perm[200:400]                                               # disjoint halves of 200
-    assert floor == {**fid.feature_metrics(feats[a], feats[b]), **fid.class_metrics(labels[b], labels[a], 4),
-                     "n_half": 200, "seed": 3}
-    assert floor["fd"] == pytest.approx(fid.frechet_distance(*fid.feature_stats(feats[b]), *fid.feature_stats(feats[a]),
-                                                             method="eigh"))
-    assert fid.noise_floor(feats, seed=3, labels=labels) == floor and fid.noise_floor(feats, seed=4)["fd"] != floor["fd"]
-    assert set(fid.noise_floor(feats)) == {"fd", "precision", "recall", "density", "coverage", "n_half", "seed"}
-    shifted = fid.feature_metrics(feats[a], feats[b] + 1.0)                        # a real change stands above it
-    assert shifted["fd"] > 4 + floor["fd"] and shifted["coverage"] < floor["coverage"] - 0.3
+    floor = fid.noise_floor(feats, 100, 400, splits=3, seed=3, labels=labels)
+    rng = np.random.default_rng(3)
+    runs = [fid.feature_metrics(feats[p[:200]], feats[p[200:400]]) for p in (rng.permutation(401) for _ in range(3))]
+    q = np.bincount(labels) / 401
+    tv = [0.5 * np.abs(rng.multinomial(100, q) / 100 - q).sum() for _ in range(3)]
+    for key, values in [*((k, [r[k] for r in runs]) for k in ("precision", "recall", "density", "coverage")),
+                        ("fd", [r["fd"] * 100 * (1 / 100 + 1 / 400) for r in runs]), ("class_tv", tv)]:
+        assert floor[key] == pytest.approx([np.mean(values), np.std(values, ddof=1)]), key
+    assert (floor["n_fake"], floor["n_ref"], floor["n_half"], floor["splits"]) == (100, 400, 200, 3)
+    assert fid.noise_floor(feats, 100, 400, splits=3, seed=3, labels=labels) == floor
+    assert fid.noise_floor(feats, 100, 400, splits=3, seed=4)["fd"] != floor["fd"]
+    assert set(fid.noise_floor(feats, splits=2)) == {"fd", "precision", "recall", "density", "coverage", "n_fake", "n_ref",
+                                                     "n_half", "splits", "seed"}
+    half = fid.noise_floor(feats, splits=3, seed=3)  # at the halves' own size: the splits' FD unscaled
+    assert half["fd"][0] == pytest.approx(np.mean([r["fd"] for r in runs]))
+    shifted = fid.feature_metrics(feats[:200], feats[200:400] + 1.0)               # a real change stands above it
+    assert shifted["fd"] > half["fd"][0] + 4 * half["fd"][1] + 4 and shifted["coverage"] < half["coverage"][0] - 0.3
+
+
+def test_nearest_distances():
+    points = np.array([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    queries = np.array([[0.0, 1.0], [3.0, 4.0], [9.0, 0.0], [6.0, 8.0]])
+    assert fid.nearest_distances(queries, points) == pytest.approx([1.0, 0.0, 1.0, 5.0])
+    assert fid.nearest_distances(queries, points, chunk=1) == pytest.approx([1.0, 0.0, 1.0, 5.0])  # across blocks
 
 
 # ----------------------------------------------------------------------------------------------------

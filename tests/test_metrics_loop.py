@@ -44,16 +44,38 @@ def test_digits_are_measured_in_the_classifier_space_by_default(digits_run):
 
 
 def test_the_noise_floor_is_recorded_once_per_run(digits_run):
-    """Two disjoint sets of n_eval real images (200 + 200 here, from all 1,797 digits the 200 trained on are
-    measured against): near-ideal precision and recall, a small distance; far from what 2 training steps of a
-    U-Net give."""
+    """What two independent real sets of 200 samples and the 599 test digits score (mean, sd over random splits of the
+    real digits): near-ideal precision and recall, a small distance; far from what 2 training steps of a U-Net give."""
     config = json.load(open(digits_run / "config.json"))
     floor = config["noise_floor"]
-    assert (config["n_eval"], config["n_reference"]) == (200, 1797)
-    assert floor["n_half"] == 200 and floor["classes"] == 10
+    assert (config["n_eval"], config["reference"], config["n_reference"]) == (200, "test", 599)
+    assert (floor["n_fake"], floor["n_ref"], floor["splits"]) == (200, 599, 20)
     first = metrics(digits_run / "metrics.jsonl")[0]
-    assert floor["fd"] < first["fd"] / 5 and floor["coverage"] > first["coverage"]
-    assert floor["pixel_fd"] < first["pixel_fd"]
+    assert floor["fd"][0] + 3 * floor["fd"][1] < first["fd"] / 5 and floor["coverage"][0] > first["coverage"]
+    assert floor["pixel_fd"][0] < first["pixel_fd"] and 0 < floor["class_tv"][0] < 0.1
+    # the training view's FD: 200 samples against the 200 trained-on digits, a smaller reference than 599: higher
+    assert floor["train_fd"][0] == pytest.approx(floor["fd"][0] * (2 / 200) / (1 / 200 + 1 / 599))
+
+
+def test_held_out_view_and_memorization(digits_classifier, tmp_path):
+    """Against the test split, and the training view: samples that are the trained-on digits themselves are all
+    nearest to a training image (share 1, distance ratio 0); unseen real digits from the same training split are
+    nearer to either set about equally often (share 0.5 +- 0.035 over 200); the training view sees the copies as
+    perfect (FD ~0), the test split does not."""
+    import shutil
+
+    import data
+    from metrics import Evaluator
+
+    shutil.copy(digits_classifier[1]["path"], tmp_path)
+    train, test = data.load_labelled("digits"), data.load_labelled("digits", split="test")
+    evaluate = Evaluator(test, train, 200, "auto", None, 200, __import__("torch").device("cpu"), False,
+                         str(tmp_path), str(tmp_path), seed=0)
+    copies, unseen = evaluate(train[0][:200]), evaluate(train[0][600:800])
+    assert copies["nn_train_share"] == 1 and copies["nn_ratio"] == pytest.approx(0, abs=1e-3)
+    assert 0.38 < unseen["nn_train_share"] < 0.62 and 0.85 < unseen["nn_ratio"] < 1.15
+    assert copies["train_fd"] < 1e-6 < evaluate.floor["fd"][0] / 3 < copies["fd"]
+    assert unseen["train_fd"] > 10 * copies["train_fd"]
 
 
 def test_resuming_a_run_measured_in_another_space_is_refused(digits_run, tmp_path, capsys):

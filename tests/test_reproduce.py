@@ -201,31 +201,42 @@ def _fake_run(folder, records, floor=None):
 def _record(it, fd, **kw):
     return {"iter": it, "fd": fd, "precision": 0.8, "recall": 0.9, "density": 1.0, "coverage": 0.85, "class_tv": 0.05,
             "classes": 10, "class_hist": [10] * 10, "pixel_fd": fd / 10, "pixel_precision": 0.8, "pixel_recall": 0.9,
-            "n_synth": 100, "steps": 100, **kw}
+            "train_fd": fd / 2, "nn_train_share": 0.5, "n_synth": 100, "steps": 100, **kw}
 
 
-FLOOR = {"fd": 2.5, "precision": 0.9, "recall": 0.9, "density": 1.0, "coverage": 0.9, "class_tv": 0.05, "pixel_fd": 0.27,
-         "n_half": 898}
+FLOOR = {"fd": [2.5, 0.5], "precision": [0.9, 0.01], "recall": [0.9, 0.01], "density": [1.0, 0.05],
+         "coverage": [0.9, 0.02], "class_tv": [0.03, 0.007], "pixel_fd": [0.27, 0.05], "train_fd": [1.5, 0.3],
+         "n_fake": 1198, "n_ref": 599, "n_half": 898, "splits": 20}
 
 
-def test_digits_table_gives_mean_sd_over_seeds_and_says_what_stands_above_the_noise(tmp_path, monkeypatch):
+def test_digits_table_gives_mean_sd_over_seeds_and_tests_lambdas_paired_over_seeds(tmp_path, monkeypatch):
+    """The table's mean ± sd over seeds; neighbouring lambdas compared on FD averaged over iterations 1-2 by a paired
+    t-test: λ 0 vs 0.5 differ by 0.1 in every seed (t = 4, 2 degrees of freedom) though their spreads over seeds
+    overlap; every seed's every metric in digits_seeds.csv."""
+    import scipy.stats
+
     monkeypatch.setattr(reproduce, "RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(reproduce, "DIGITS_ITERS", 2)
     os.makedirs(tmp_path / "results")
-    last = {"0": [1.0, 1.1, 0.9], "0.5": [1.05, 1.0, 1.15], "1": [2.0, 2.1, 1.9], "inf": [5.0, 7.0, 6.0]}
+    last = {"0": [1.0, 2.0, 3.0], "0.5": [1.1, 2.1, 3.2], "1": [2.0, 2.1, 1.9], "inf": [5.0, 7.0, 6.0]}
     for m in reproduce.DIGITS_MODELS:
         for lam, fds in last.items():
             for seed, fd in zip(reproduce.DIGITS_SEEDS, fds):
                 _fake_run(tmp_path / "runs" / f"digits-{m}" / f"lam_{lam}" / f"seed_{seed}",
                           [_record(0, 1.0), _record(1, (1 + fd) / 2), _record(2, fd)], FLOOR)
     made = reproduce.FIGURES["digits"]()
-    assert all(os.path.exists(p) for p in made) and len(made) == 2 * len(reproduce.DIGITS_MODELS) + 1
-    table = open(made[-1]).read()
-    assert "| ddpm | inf | 1.00 ± 0.00 | 6.00 ± 1.00 |" in table  # mean and sample standard deviation
-    assert "ddpm λ 0 vs 0.5: +0.07 ± 0.07 (within the noise)" in table
-    assert "ddpm λ 0.5 vs 1: +0.93 ± 0.07 (above the noise)" in table
-    assert "FD 2.50" in table  # the noise floor
+    assert all(os.path.exists(p) for p in made) and len(made) == 2 * len(reproduce.DIGITS_MODELS) + 2
+    table = open(made[-2]).read()
+    assert "| ddpm | inf | 1.00 ± 0.00 | 6.00 ± 1.00 | 3.00 ± 0.50 |" in table  # mean and sample sd; train FD
+    # late FD = (1 + fd) / 4 + fd / 2: per-seed differences 0.075, 0.075, 0.15; mean 0.1, sd 0.0433
+    half = scipy.stats.t.ppf(0.975, 2) * 0.0433013 / 3 ** 0.5
+    p = 2 * scipy.stats.t.sf(0.1 / (0.0433013 / 3 ** 0.5), 2)
+    assert f"ddpm λ 0 → 0.5: +0.10 [{0.1 - half:+.2f}, {0.1 + half:+.2f}], p = {p:.2g}" in table and f"{p:.2g}" == "0.057"
+    assert "FD 2.50 ± 0.50" in table and "(1198 samples vs 599 test digits)" in table  # the noise floor
+    rows = open(made[-1]).read().splitlines()
+    assert rows[0].startswith("model,lam,seed,iter,fd,") and len(rows) == 1 + 3 * 4 * 3 * 3
+    assert "ddpm,0.5,2,2,3.2," in open(made[-1]).read()
 
 
 def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
@@ -246,7 +257,7 @@ def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
     text = open(notes).read()
     assert "λ = inf: share of class 0 0.100 → 0.370, mean reward -2.00 → -0.50" in text
     assert "fully synthetic, accumulate: FD 1.00 → 4.00 (iteration 3)" in text
-    assert "noise floor, two disjoint sets of 898 real digits: FD 2.50" in text
+    assert "noise floor, two independent real sets of 1198 and 599 digits: FD 2.50 ± 0.50" in text
 
 
 def test_regimes_gaussian_figures_and_notes(tmp_path, monkeypatch):

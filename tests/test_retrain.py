@@ -455,9 +455,9 @@ def test_bad_input_one_line_and_folder_untouched(tmp_path, existing_run, capsys,
 
 BAD_IMAGES = {  # checked before the run starts, whatever the model: the folder given with --force is kept
     "non-positive kimg": (["--kimg", "-1"], "--kimg -1"),
-    "more real images than the data holds": (["--n-real", "99999"], "holds 1797 images"),
+    "more real images than the data holds": (["--n-real", "99999"], "holds 1198 images"),
     "no samples evaluated": (["--n-eval", "0"], "--n-eval 0"),
-    "more samples evaluated than real ones": (["--n-eval", "2000"], "--n-eval 2000"),
+    "a reference larger than the test split": (["--n-ref", "700"], "--n-ref 700: the test split of 'digits' holds 599"),
     "batch 0": (["--set", "batch=0"], "batch 0"),
     "negative learning rate": (["--set", "lr=-1"], "lr -1.0: must be > 0"),
     "dropout of 1.5": (["--set", "drop_rate=1.5"], "drop_rate 1.5: must be in [0, 1)"),
