@@ -67,7 +67,7 @@ class Config:
     #                     accumulate gradients over micro-batches: the same update in less memory [EDM: --batch-gpu]
     lr: float = 2e-4  # Adam learning rate (betas 0.9/0.999, eps 1e-8) [Ho, tqch]
     warmup: int = 5000  # optimizer steps of linear lr warm-up, lr * min((step + 1) / warmup, 1) [tqch]
-    grad_clip: float = 1.0  # max global gradient norm [Ho, tqch]
+    grad_clip: float = 1.0  # max global gradient norm, 0 = off [Ho, tqch]
     ema_decay: float = 0.9999  # EMA decay per step, ramped as min(decay, (1 + n) / (10 + n)) [tqch]
     min_snr: float = 0.0  # 0: L_simple [Ho]; gamma > 0: each image's loss weighted min(SNR_t, gamma) / SNR_t [Hang]
     xflip: bool = True  # random horizontal flips of training images [Ho, tqch]
@@ -609,7 +609,8 @@ class Model:
         the warm-up lr, Adam, the EMA, the step counter. batch (images in this step over all processes) is
         unused: DDPM's warm-up and EMA ramp count optimizer steps."""
         cfg, params = self.cfg, list(self.net.parameters())
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         for g in self.opt.param_groups:
             g["lr"] = cfg.lr * min((self.step + 1) / cfg.warmup, 1.0)
         self.opt.step()

@@ -121,14 +121,13 @@ def cuda_switches(deterministic: bool) -> None:
 def setup_device(name: str | None, deterministic: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world size, device); on CUDA also cuda_switches."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if world > 1:  # under torchrun; the group is started once (a --seeds run comes back here for every seed)
         cuda = torch.cuda.is_available() and name != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         rank = dist.get_rank()
     else:
         if name is None:

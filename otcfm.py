@@ -80,7 +80,7 @@ class Config:
                                       # less memory [EDM: --batch-gpu]
     lr: float = 2e-4                  # Adam learning rate, betas (0.9, 0.999), eps 1e-8 (--lr 2e-4)
     warmup_steps: int = 5000          # linear lr warm-up from 0 in optimizer steps, from scratch only (--warmup 5000)
-    grad_clip: float = 1.0            # max global gradient norm (--grad_clip 1.0)
+    grad_clip: float = 1.0            # max global gradient norm, 0 = off (--grad_clip 1.0)
     ema_decay: float = 0.9999         # EMA decay per step, from step 0 (--ema_decay 0.9999)
     ema_warmup: bool = False          # ramp the decay as min(ema_decay, (1 + step) / (10 + step)), as ddpm.py does;
                                       # torchcfm does not (off), short runs from scratch need it (see "small")
@@ -630,7 +630,8 @@ class Model:
         optimizer steps, as torchcfm)."""
         cfg = self.cfg
         params = list(self.net.parameters())
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         # warm-up: update k (counted from 0) uses lr * min(k, W) / W, so the very first update uses lr 0
         warm = min(self.step, cfg.warmup_steps) / cfg.warmup_steps if cfg.warmup_steps > 0 else 1.0
         for group in self.opt.param_groups:

@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import shlex
 import shutil
 import sys
@@ -188,7 +189,7 @@ def iter0_cache(s: Settings) -> str | None:
     if s.args.init or s.args.no_cache or not hasattr(s.cfg, "pretrain_kimg"):
         return None
     files = (getattr(s.module, "__file__", None), __file__, os.path.join(os.path.dirname(__file__), "training.py"))
-    code = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files if f]
+    code = [hashlib.sha256(pathlib.Path(f).read_bytes()).hexdigest() for f in files if f]
     key = {"format": CKPT_FORMAT, "model": s.model, "config": dataclasses.asdict(s.cfg), "seed": s.seed,
            "data": hashlib.sha256(s.real.cpu().contiguous().numpy().tobytes()).hexdigest(),
            "samples": max(s.n_gen.values()), "device": s.device.type, "world": s.world, "code": code,
@@ -523,7 +524,7 @@ def run_seeds(args) -> None:
         one = copy.copy(args)
         one.seed, one.seeds, one.out = seed, None, os.path.join(base, f"seed_{seed}")
         one.resume = args.resume and os.path.exists(one.out)  # a seed not begun yet starts
-        if rank_world()[0] == 0:
+        if os.environ.get("RANK", "0") == "0":  # torchrun's rank: the first seed's run starts the process group
             print(f"retrain.py: seed {seed} of {', '.join(map(str, args.seeds))} -> {one.out}")
         run(one)
     if rank_world()[0] == 0:

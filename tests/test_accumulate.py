@@ -41,7 +41,7 @@ def build(case: str, **overrides):
     """The small preset's model of a case, prepared for the tests: the same for every call."""
     module, base = CASES[case]
     torch.manual_seed(0)
-    return prepared(module.Model(module.make_config("small", batch=N, **base, **overrides), "cpu"))
+    return prepared(module.Model(module.make_config("small", batch=N, **{**base, **overrides}), "cpu"))
 
 
 def prepared(model):
@@ -208,3 +208,17 @@ if __name__ == "__main__":  # one rank of the test above
         torch.save(results, sys.argv[1])
     dist.barrier()
     dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["ddpm", "edm", "otcfm"])
+def test_grad_clip_0_is_off(case):
+    """Config.grad_clip = 0 trains unclipped in every model (a max norm of 0 would zero every gradient): the same
+    step as with a bound no gradient reaches."""
+    off, huge = build(case, grad_clip=0.0), build(case, grad_clip=1e9)
+    before = [p.detach().clone() for p in off.net.parameters()]
+    for model in (off, huge):
+        torch.manual_seed(2)
+        model.train_step(images(model))
+    assert any(not torch.equal(a, p) for a, p in zip(before, off.net.parameters()))
+    for a, b in zip(off.net.parameters(), huge.net.parameters()):
+        assert torch.equal(a, b)

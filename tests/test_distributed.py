@@ -77,3 +77,17 @@ def test_resume_with_another_process_count(tmp_path, runs):
     resumed = history(tmp_path / "run" / "metrics.jsonl")
     assert [h["iter"] for h in resumed] == [0, 1, 2] and resumed[:2] == first  # iteration 1 kept, 2 added
     assert json.load(open(tmp_path / "run" / "config.json"))["world_size"] == 2
+
+
+def test_every_seed_of_a_seeds_run_keeps_its_ranks(tmp_path, runs):
+    """--seeds under 2 processes: every seed's run (setup_device once per seed) keeps rank 1 as rank 1, which prints
+    nothing, and the seeds' iterations 0 equal those of one process."""
+    argv = [*runs["common"][:-2], "--iters", 0, "--seeds", 0, 1]
+    two = launch(*argv, "--out", tmp_path / "two", procs=2)
+    assert two.stdout.count("retrain.py: ddpm (small)") == 2
+    rank1 = run_ranks(lambda rank: [*argv, "--out", tmp_path / "again", "--force"], 2)[1]
+    assert rank1.returncode == 0 and rank1.stdout == "", rank1.stdout[-2000:]
+    launch(*argv, "--out", tmp_path / "one")
+    for seed in (0, 1):
+        assert history(tmp_path / "one" / f"seed_{seed}" / "metrics.jsonl") == \
+            history(tmp_path / "two" / f"seed_{seed}" / "metrics.jsonl")
