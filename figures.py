@@ -531,7 +531,7 @@ def regimes_digits_figures(folder: str, results: str, *, model: str, pools: tupl
     FD in the digits classifier's feature space, as in the digits stage."""
     plt = _plt()
     runs = {name: history(os.path.join(folder, name)) for name in
-            [*(f"pool-{p}" for p in pools), *(f"real-{r}-tau{t:g}" for t in taus for r in reals),
+            [*(f"pool-{p}" for p in pools), "pool-accumulate-epochs", *(f"real-{r}-tau{t:g}" for t in taus for r in reals),
              *(f"curate-lam{lam}" for lam in curate_lams), "start-warm-lam1", "start-scratch-lam1",
              "start-scratch-laminf"]}
     with open(os.path.join(folder, "pool-replace", "config.json")) as f:
@@ -549,12 +549,13 @@ def regimes_digits_figures(folder: str, results: str, *, model: str, pools: tupl
     fig, ((ax_pool, ax_mad), (ax_cur, ax_start)) = plt.subplots(2, 2, figsize=(11, 8.4))
     notes = [f"{model} (small preset) on the digits, seed 0; FD in the digits classifier's feature space. "
              "Written by `python reproduce.py regimes-digits`.", ""]
-    for pool in pools:
-        ax_pool.plot(*its(f"pool-{pool}"), "o-", ms=3, label=f"--pool {pool}")
+    for pool in [*pools, "accumulate-epochs"]:
+        label = "accumulate --budget epochs" if pool == "accumulate-epochs" else pool
+        ax_pool.plot(*its(f"pool-{pool}"), "s--" if pool == "accumulate-epochs" else "o-", ms=3, label=f"--pool {label}")
         h = runs[f"pool-{pool}"]
-        notes.append(f"- fully synthetic, {pool}: FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), "
+        notes.append(f"- fully synthetic, {label}: FD {h[0]['fd']:.2f} → {h[-1]['fd']:.2f} (iteration {h[-1]['iter']}), "
                      f"coverage {h[0]['coverage']:.2f} → {h[-1]['coverage']:.2f}, classes {h[-1]['classes']}, "
-                     f"training set {h[-1]['n_synth']} samples")
+                     f"training set {h[-1]['n_synth']} samples, {sum(r.get('steps', 0) for r in h)} training steps")
     draw_floor(ax_pool, floor, "fd")
     ax_pool.set(xlabel="iteration", ylabel="FD", yscale="log", title="fully synthetic (λ = ∞): the synthetic pool")
     for tau, style in zip(taus, ("o-", "s--")):

@@ -14,6 +14,9 @@ model, which replace the earlier ones. The flags of retrain.py vary each part of
            real data whatever --real says
   --start  warm (the paper): fine-tune the previous model; scratch: iteration 0's initial weights again
            (retrain.py; --kimg then defaults to the preset's pretraining budget)
+  --budget fixed (the paper): kimg thousand images seen per iteration whatever the training set's size; epochs:
+           kimg scaled by the training set's size over that of the paper's loop (n + round(lam n)), so that each
+           image is seen as often in every iteration: accumulate then trains on its whole growing pool
   --temperature  tau scales the samplers' initial noise (the Gaussian: samples of N(mu, tau^2 Sigma)); model 0
            is sampled again at tau and evaluated again: the shared iteration 0 is sampled at 1
   --curate K     each kept sample is one of K candidates, candidate i kept with probability softmax(r)_i over
@@ -32,8 +35,9 @@ import torch.distributed as dist
 
 from jobs import UserError
 
-FLAGS = ("pool", "real", "start", "temperature", "curate", "reward", "beta", "gamma", "reward_class")
-DEFAULTS = {"pool": "replace", "real": "fixed", "start": "warm", "temperature": 1.0, "curate": 1, "reward": None}
+FLAGS = ("pool", "real", "start", "budget", "temperature", "curate", "reward", "beta", "gamma", "reward_class")
+DEFAULTS = {"pool": "replace", "real": "fixed", "start": "warm", "budget": "fixed", "temperature": 1.0, "curate": 1,
+            "reward": None}
 FRESH_REAL, SUBSAMPLE, CURATE = 1, 2, 3  # which regime seed (regime_seed)
 
 
@@ -52,6 +56,7 @@ class Regime:
     pool: str = "replace"
     real: str = "fixed"
     start: str = "warm"
+    budget: str = "fixed"                 # fixed kimg per iteration, or epochs: kimg scaled with the training set
     temperature: float = 1.0
     curate: int = 1                       # K candidates per kept sample; 1 = no curation
     reward: str | None = None             # linear | quadratic (vectors) | class | confidence (images)
@@ -187,6 +192,12 @@ def synthetic_part(regime: Regime, gens: list[torch.Tensor], n_synth: int, train
         synth, origin = synth[keep], origin[keep]
     gen_ids, counts = origin.unique(return_counts=True)
     return synth, {str(g): c for g, c in zip(gen_ids.tolist(), counts.tolist())}
+
+
+def paper_size(regime: Regime, lam: float, n: int, n_synth: int) -> int:
+    """The size of the paper's D_t for these lambda and n: n real images (none at lam = inf or --real none) plus
+    n_synth samples; --budget epochs scales kimg by a training set's size over this one."""
+    return (0 if math.isinf(lam) or regime.real == "none" else n) + n_synth
 
 
 def training_set(regime: Regime, lam: float, real: torch.Tensor, samples: torch.Tensor, gens: list, n_synth: int,

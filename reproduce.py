@@ -49,7 +49,8 @@ REALS, TAUS, MAD_N, MAD_LAM, MAD_ITERS = ("none", "fixed", "fresh"), (1, 0.9), 1
 CURATE_LAMS, BETAS, CURATE_N, CURATE_K, CURATE_ITERS, CURATE_SEEDS = ("inf", "1"), (0.2, 0.5), 500, 100, 30, 3
 # The same regimes on the digits, with one image model (seed 0; its noise floor in each run's config.json)
 DIGITS_REGIMES, RD_MODEL = f"{RUNS}/regimes-digits", "ddpm"
-RD_POOL_ITERS = 20  # fully synthetic, all 1,797 digits' worth of samples per generation
+RD_POOL_ITERS = 20  # fully synthetic, all 1,198 training digits' worth of samples per generation
+RD_EPOCHS_ITERS = 10  # accumulate with --budget epochs: iteration t trains t times as long (55 x 100 steps in all)
 RD_MAD_N, RD_MAD_ITERS = 100, 10  # fresh real data needs 11 disjoint sets of 100 of the 1,198 training digits
 RD_MAD_EVAL = 1198  # samples per iteration in those loops, as many as the digits stage's (100 are trained on)
 RD_CURATE_K, RD_CURATE_CLASS, RD_CURATE_ITERS = 4, 0, 10  # keep 1 of 4 by softmax(log p(class 0 | x))
@@ -96,7 +97,8 @@ def regimes_gaussian_jobs() -> list[jobs.Job]:
 
 
 def regimes_digits_jobs() -> list[jobs.Job]:
-    """The regimes of regimes-gaussian on the digits with RD_MODEL's small preset: the pools (fully synthetic), the
+    """The regimes of regimes-gaussian on the digits with RD_MODEL's small preset: the pools (fully synthetic; accumulate
+    also with --budget epochs, training on its whole pool), the
     three loops of Alemohammad et al. at temperature 1 and 0.9 (n = RD_MAD_N, so that fresh data lasts), curation
     toward one class without and with the real data, and retraining from scratch against fine-tuning. Each group
     starts from one iteration 0, pretrained by its first job and found by the others in the stage's cache."""
@@ -111,6 +113,7 @@ def regimes_digits_jobs() -> list[jobs.Job]:
             job("pretrain-mad", f"{mad} --iters 0", None),
             *(job(f"start-scratch-lam{lam}", f"--lam {lam} --start scratch --iters {RD_START_ITERS}") for lam in ("inf", "1")),
             *(job(f"pool-{pool}", f"--lam inf --pool {pool} --iters {RD_POOL_ITERS}") for pool in POOLS),
+            job("pool-accumulate-epochs", f"--lam inf --pool accumulate --budget epochs --iters {RD_EPOCHS_ITERS}"),
             *(job(f"curate-lam{lam}", f"--lam {lam} {curate}") for lam in CURATE_LAMS),
             job("start-warm-lam1", f"--lam 1 --iters {RD_START_ITERS}"),
             *(job(f"real-{real}-tau{tau:g}", f"{mad} --real {real} --temperature {tau:g} --iters {RD_MAD_ITERS}",

@@ -138,6 +138,9 @@ def add_regime_flags(r) -> None:
     r.add_argument("--real", default="fixed", choices=("fixed", "fresh", "none"),
                    help="real data of each iteration: fixed (the same n), fresh (n new ones: new draws for --data "
                    "gaussian, the next n images of the data set otherwise), none (round(lam n) synthetic samples alone)")
+    r.add_argument("--budget", default="fixed", choices=("fixed", "epochs"),
+                   help="training per iteration: fixed (--kimg whatever the training set's size) or epochs (--kimg "
+                   "times the training set's size over n + round(lam n): accumulate trains on its whole pool)")
     r.add_argument("--start", default="warm", choices=("warm", "scratch"),
                    help="each iteration fine-tunes the previous model (warm), or trains iteration 0's initial "
                    "weights again (scratch; --kimg then defaults to the preset's pretraining budget)")
@@ -296,8 +299,10 @@ def retrain_lambda(s: Settings, lam: float, ckpt0: dict, model, evaluate, clock=
                                                      train_seed(s.seed, t), t)
         if regime.start == "scratch":
             model.load_state_dict(blank)
-        # theta_t: theta_{t-1} trained on D_t for kimg thousand images
-        stats = train(model, train_set, s.config["kimg"], cfg, s.seed, t, s.progress, f"train it {t} lam {lab}", clock)
+        # theta_t: theta_{t-1} trained on D_t for kimg thousand images (--budget epochs: as many epochs as the paper's D_t)
+        kimg = s.config["kimg"] * (len(train_set) / regimes.paper_size(regime, lam, len(s.real), n_synth)
+                                   if regime.budget == "epochs" else 1)
+        stats = train(model, train_set, kimg, cfg, s.seed, t, s.progress, f"train it {t} lam {lab}", clock)
         # samples of theta_t: they measure it, and train theta_{t+1}
         samples = sample(model, n_gen, s.seed, t, cfg.sample_batch, s.is_image, s.progress, regime.temperature)
         if reward is not None:

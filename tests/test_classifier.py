@@ -88,8 +88,9 @@ def test_mnist_like_read_offline_and_padded(tmp_path, spec, folder):
     train_x, train_y = rng.integers(1, 256, size=(12, 28, 28)), rng.integers(0, 10, size=12)  # no black pixel
     write_idx(raw / "train-images-idx3-ubyte", train_x)
     write_idx(raw / "train-labels-idx1-ubyte", train_y)
-    write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, size=(3, 28, 28)))    # present, not used
-    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, size=3))
+    test_x, test_y = rng.integers(0, 256, size=(3, 28, 28)), rng.integers(0, 10, size=3)
+    write_idx(raw / "t10k-images-idx3-ubyte", test_x)
+    write_idx(raw / "t10k-labels-idx1-ubyte", test_y)
     images, labels = data.load_labelled(spec, root=str(tmp_path))
     assert images.dtype == torch.uint8 and images.shape == (12, 1, 32, 32)
     assert np.array_equal(images[:, 0, 2:30, 2:30].numpy(), train_x)              # the image, centred
@@ -98,6 +99,8 @@ def test_mnist_like_read_offline_and_padded(tmp_path, spec, folder):
     assert int(border.max()) == 0                                                   # 2 black pixels on every side
     assert labels.dtype == torch.int64 and np.array_equal(labels.numpy(), train_y)
     assert torch.equal(data.load_images(spec, root=str(tmp_path), n=5), images[:5])
+    images, labels = data.load_labelled(spec, root=str(tmp_path), split="test")             # the t10k files
+    assert np.array_equal(images[:, 0, 2:30, 2:30].numpy(), test_x) and np.array_equal(labels.numpy(), test_y)
 
 
 def test_mnist_without_files_or_internet_is_a_data_error(tmp_path, monkeypatch):
@@ -111,6 +114,14 @@ def test_mnist_without_files_or_internet_is_a_data_error(tmp_path, monkeypatch):
         with pytest.raises(data.DataError, match="idx files") as e:
             data.load_images(spec, root=str(tmp_path))
         assert "\n" not in str(e.value)
+
+
+def test_only_named_datasets_have_a_test_split(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(data.DataError, match="has no test split"):
+        data.load_images(str(tmp_path / "a.npy"), split="test")
+    with pytest.raises(data.DataError, match="split 'val'"):
+        data.load_images("digits", split="val")
 
 
 def test_npz_labels(tmp_path):

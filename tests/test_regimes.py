@@ -365,3 +365,15 @@ def test_temperature_drift_of_log_det_end_to_end(tmp_path):
     assert run(tmp_path / "kept", *common[:-4], "--iters", 50, "--pool", "accumulate") == 0
     logdet = [r["logdet"] for r in metrics(tmp_path / "kept" / "metrics.jsonl")]
     assert max(abs(v - logdet[0]) for v in logdet) < 3 and abs(logdet[50] - logdet[25]) < 0.3
+
+
+@pytest.mark.parametrize("pool, grows", [("accumulate", True), ("accumulate-subsample", False), ("replace", False)])
+def test_budget_epochs_trains_on_the_whole_pool(tmp_path, pool, grows):
+    """--budget epochs: each iteration sees every image of its training set as often as the paper's loop does, so
+    the accumulating pool trains 1, 2, 3 times as long at iterations 1, 2, 3 (lam = inf: its pool is n_synth per
+    generation); subsampling and replacing keep the paper's size and budget, as with --budget fixed."""
+    assert run(tmp_path / "e", *TINY_DDPM, "--lam", "inf", "--pool", pool, "--budget", "epochs", "--iters", 3) == 0
+    steps = [r["steps"] for r in metrics(tmp_path / "e" / "metrics.jsonl")[1:]]
+    base = round(0.032 * 1000 / 16)  # the preset's kimg in steps of 16 (TINY_DDPM), as --budget fixed trains
+    assert steps == ([base, 2 * base, 3 * base] if grows else [base] * 3)
+    assert json.load(open(tmp_path / "e" / "config.json"))["budget"] == "epochs"

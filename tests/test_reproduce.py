@@ -257,6 +257,7 @@ def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
     text = open(notes).read()
     assert "λ = inf: share of class 0 0.100 → 0.370, mean reward -2.00 → -0.50" in text
     assert "fully synthetic, accumulate: FD 1.00 → 4.00 (iteration 3)" in text
+    assert "fully synthetic, accumulate --budget epochs: FD 1.00 → 4.00 (iteration 3)" in text
     assert "noise floor, two independent real sets of 1198 and 599 digits: FD 2.50 ± 0.50" in text
 
 
