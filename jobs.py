@@ -121,7 +121,8 @@ def cuda_switches(deterministic: bool) -> None:
 def setup_device(name: str | None, deterministic: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world size, device); on CUDA also cuda_switches."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # under torchrun; the group is started once (a --seeds run comes back here for every seed)
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun, also with one process (NCCL on one GPU);
+        # the group is started once (a --seeds run comes back here for every seed)
         cuda = torch.cuda.is_available() and name != "cpu"
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")

@@ -41,7 +41,7 @@ profile forced (bf16, channels_last, fused Adam), batch 4, 2 seeds, 2-step sampl
                     Adam): iteration 2 appended with finite metrics, iterations 0 and 1 kept (tiny: CPU to CPU)
     test_torchrun   each model's retrain check under python -m torch.distributed.run --standalone
                     --nproc_per_node=N (N: the GPUs, lowered until it divides the batch; with one GPU a single
-                    process, where retrain.py starts no process group)
+                    process in a process group of one: NCCL and DDP as on N GPUs)
 
 The JSON record: {"header": bench.py's header (GPU, torch, dtype, bf16 peak, ...) with the GPU count and CUDA
 version, "checks": [one per test: its name, size, outcome, seconds, and what it measured: bench.py's row of a

@@ -108,3 +108,22 @@ def test_each_job_gets_its_environment(tmp_path, job, monkeypatch):
     jobs.run_jobs([job("a", env={"FOO": "bar"}), job("b")], workers=2, say=None, poll=0.05)
     assert "a hello FOO=bar PYTHONUNBUFFERED=1" in (tmp_path / "logs" / "a.log").read_text()
     assert "b hello FOO=None PYTHONUNBUFFERED=1" in (tmp_path / "logs" / "b.log").read_text()
+
+
+def test_torchrun_with_one_process_starts_a_process_group(monkeypatch):
+    """torchrun --nproc_per_node=1 (WORLD_SIZE 1, TORCHELASTIC_RUN_ID set) starts a group of one, so that one GPU runs
+    the NCCL path (DDP, the collectives) as N GPUs do; a plain python process starts none."""
+    import torch.distributed as dist
+
+    from ranks import free_port
+
+    assert jobs.setup_device("cpu")[:2] == (0, 1) and not dist.is_initialized()
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "TORCHELASTIC_RUN_ID": "test"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert jobs.setup_device("cpu")[:2] == (0, 1) and dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
