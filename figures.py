@@ -47,7 +47,8 @@ PANELS = {"fid": "FID (Inception)", "fd": "Frechet distance", "precision": "prec
           "density": "density", "coverage": "coverage", "class_tv": "class histogram: TV to real",
           "classes": "classes produced", "pixel_fd": "pixel Frechet distance", "pixel_precision": "pixel precision",
           "pixel_recall": "pixel recall", "train_fd": "Frechet distance to the training images",
-          "nn_train_share": "nearest real image: a training one", "mean_err": "|mu - mu*|", "cov_err": "|Sigma - Sigma*|", "logdet": "log det Sigma"}
+          "nn_train_share": "nearest real image: a training one",
+          "inception_precision": "Inception precision", "inception_recall": "Inception recall", "mean_err": "|mu - mu*|", "cov_err": "|Sigma - Sigma*|", "logdet": "log det Sigma"}
 
 
 def draw_floor(ax, floor: dict, key: str) -> None:

@@ -59,10 +59,13 @@ class Evaluator:
     rank extracts the Inception features of its share of the samples; rank 0 computes the metrics."""
 
     def __init__(self, reference: tuple, train: tuple | None, n_train: int, choice: str, inception: str | None,
-                 n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int):
+                 n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int,
+                 inception_every: int = 0):
         """reference, train: (uint8 images or float vectors, labels or None); train the training split (None when
         the data have no test split: then the reference is the training set), whose first n_train the model
-        trains on. cache: a folder for the Inception features of the reference and training images."""
+        trains on. cache: a folder for the Inception features of the reference and training images.
+        inception_every K > 0 (in another space than Inception's): also Inception's FID, precision and recall
+        against the reference at iteration 0 and every K-th (fid, inception_precision, inception_recall)."""
         self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
         self.main = rank_world()[0] == 0
         real, labels = reference
@@ -85,6 +88,10 @@ class Evaluator:
         else:
             self.kind = "pixel" if is_image else "raw"
         self.fd_key = "fid" if self.kind == "inception" else "fd"
+        self.every, self.inception = inception_every, None
+        if inception_every and self.kind != "inception":
+            self.inception = Evaluator(reference, None, n_train, "inception", inception, n_eval, device, progress,
+                                       cache, classifier_cache, seed)
         self.floor = {}  # rank 0's, below
         if not self.main:
             return
@@ -105,6 +112,8 @@ class Evaluator:
             m = min(len(trained_on), len(real))  # as many of each: a sample that copies nothing is as near to either
             self.nn_sets = self.train_pixels[:m], fid.pixel_features(real[:m])
         self.floor = self.noise_floor(seed)
+        if self.inception is not None:
+            self.floor.update(inception_keys(self.inception.floor))
 
     def real_features(self, x: torch.Tensor, name: str, cache: str) -> np.ndarray:
         """Features of real images (or vectors); Inception's through fid.reference's cache file in `cache`."""
@@ -156,13 +165,15 @@ class Evaluator:
                                   device=self.device if self.device.type == "cuda" else None)
         return {"fd": fd, **fid.prdc(real_feats[:m], fake_feats[:m], k=3, device=self.device)}
 
-    def __call__(self, fake: torch.Tensor) -> dict:
-        """The metrics of `fake` on rank 0 ({} on the other ranks, which only help with the features)."""
+    def __call__(self, fake: torch.Tensor, it: int = 0) -> dict:
+        """The metrics of `fake`, the samples of iteration `it`, on rank 0 ({} on the other ranks, which only help
+        with the Inception features)."""
+        extra = inception_keys(self.inception(fake)) if self.inception is not None and it % self.every == 0 else {}
         f = self.features(fake) if self.main or self.net is not None else None
         if not self.main:
             return {}
         r = self.space_metrics(f, self.real_feats, self.real_stats)
-        r = {self.fd_key: r.pop("fd"), **r, "features": self.kind}
+        r = {self.fd_key: r.pop("fd"), **r, "features": self.kind, **extra}
         if hasattr(self, "train_feats"):
             train = self.space_metrics(f, self.train_feats, self.train_stats)
             r.update({f"train_{k}": train[k] for k in ("fd", "precision", "recall")})
@@ -197,6 +208,11 @@ class Evaluator:
             pixel = fid.noise_floor(pixels, self.n_eval, len(self.pixel_real), seed=seed, device=self.device)
             r.update({f"pixel_{k}": pixel[k] for k in ("fd", "precision", "recall", "density", "coverage")})
         return r
+
+
+def inception_keys(r: dict) -> dict:
+    """The Inception metrics (or their floor) beside another space's: fid, inception_precision, inception_recall."""
+    return {"fid": r["fid"], "inception_precision": r["precision"], "inception_recall": r["recall"]}
 
 
 # ----------------------------------------------------------------------------------------------------

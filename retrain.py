@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "under 32 px or in greyscale (digits, mnist), Inception for other images of 32 px or more when "
                    "its weights are available, else pixels")
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth (else downloaded)")
+    p.add_argument("--inception-every", type=int, default=0, metavar="K",
+                   help="with other --metrics: also Inception FID, precision, recall at iteration 0 and every K-th")
     p.add_argument("--out", default=None, help="run folder (default runs/MODEL-DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last completed iteration")
     p.add_argument("--force", action="store_true", help="delete an existing --out folder and start over")
@@ -173,7 +175,7 @@ def record(s: Settings, evaluate, model, it: int, lam: float, seconds: float, sa
     r = {"iter": it, "lam": lam, "n_real": 0 if math.isinf(lam) and it > 0 else len(s.real),
          "n_synth": 0 if it == 0 else s.n_synth[lam], "seconds": round(seconds, 2), **extra}
     with on_every_rank():  # rank 0 computes the metrics
-        r.update(evaluate(samples[:s.config["n_eval"]]))
+        r.update(evaluate(samples[:s.config["n_eval"]], it))
     if s.truth is not None:
         import gaussian
 
@@ -392,7 +394,7 @@ def start_run(s: Settings, model, how: str | None, threads: str):
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
         evaluate = Evaluator(s.reference, s.whole if s.config["reference"] == "test" else None, len(s.real), s.args.metrics,
                              s.args.inception, s.config["n_eval"], s.device, s.progress, cache=s.out,
-                             classifier_cache=s.cache, seed=s.seed)
+                             classifier_cache=s.cache, seed=s.seed, inception_every=s.args.inception_every)
     if s.main:  # what the metrics are measured with, and their noise floor, beside the run's settings
         s.config["features"] = evaluate.kind
         if evaluate.clf is not None:

@@ -197,6 +197,8 @@ def resolve(args, world: int, device: torch.device, command: str | None = None) 
     regime = regimes.Regime(**{f: getattr(args, f) for f in regimes.FLAGS}).check(data_spec, real, lams, args.iters, whole)
     kimg = args.kimg if args.kimg is not None else getattr(cfg, "pretrain_kimg" if regime.start == "scratch" else "kimg", 0)
     n = len(real)
+    if args.inception_every < 0:
+        raise UserError(f"--inception-every {args.inception_every}: give 0 (never) or a number of iterations")
     if args.n_eval is not None and args.n_eval < 4:
         raise UserError(f"--n-eval {args.n_eval}: precision and recall need 4 samples or more")
     n_eval = args.n_eval or min(n, N_EVAL_PAPER)
@@ -206,7 +208,8 @@ def resolve(args, world: int, device: torch.device, command: str | None = None) 
               "model": args.model, "preset": preset, "data": data_spec, "n_real": n,
               "reference": "test" if test is not None else "train", "n_reference": len(reference[0]),
               "n_eval": n_eval, "lams": [lam_label(lam) for lam in lams], "iters": args.iters, "kimg": kimg,
-              **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics, "world_size": world,
+              **regime.config(), "seed": args.seed, "init": args.init, "metrics": args.metrics,
+              "inception_every": args.inception_every, "world_size": world,
               "device": device.type, "model_config": dataclasses.asdict(cfg), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}}
     return Settings(args, args.model, module, cfg, regime, config, real, reference, whole, truth, lams, args.iters, args.seed,
@@ -222,8 +225,9 @@ def check_folder(s: Settings) -> None:
     if os.path.exists(path) and args.resume:
         with open(path) as f:
             saved = json.load(f)
-        old = {**regimes.DEFAULTS, "n_reference": saved.get("n_real"), "reference": "train", **saved}  # older runs: the
-        new = json.loads(json.dumps(s.config))  # paper's loop, measured against their real set
+        # older runs: the paper's loop, measured against their real set, without the later fields
+        old = {**regimes.DEFAULTS, "n_reference": saved.get("n_real"), "reference": "train", "inception_every": 0, **saved}
+        new = json.loads(json.dumps(s.config))
         differ = []
         for key in new:
             if key in ("world_size", "device") and old.get(key) != new[key] and s.main:

@@ -113,3 +113,28 @@ def test_seeds_are_independent_replicates_summarized_by_mean_and_spread(tmp_path
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(metrics(tmp_path / "again" / "lam_1" / "metrics.jsonl")) == \
         strip(metrics(tmp_path / "s" / "seed_1" / "lam_1" / "metrics.jsonl"))
+
+
+def test_inception_every_k_iterations_beside_the_classifier(tmp_path):
+    """--inception-every 2 on the digits (classifier space every iteration): Inception's FID, precision and recall
+    against the same test digits at iterations 0 and 2 only, with their noise floor; a K that is negative is refused.
+    (Random Inception weights, He-scaled so that the features are not ~0; 16 samples against 16 test digits.)"""
+    import torch
+
+    import fid
+
+    net = fid.FIDInception()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    torch.save(net.state_dict(), tmp_path / "inception.pth")
+    argv = [*TINY_DDPM[:TINY_DDPM.index("--iters")], "--iters", 3, *TINY_DDPM[TINY_DDPM.index("--iters") + 2:],
+            "--n-eval", 16, "--n-ref", 16, "--inception", tmp_path / "inception.pth"]
+    assert run(tmp_path / "run", *argv, "--inception-every", 2) == 0
+    records = metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iter"] for r in records if "fid" in r] == [0, 2] and all(r["features"] == "classifier" for r in records)
+    for r in records[::2]:
+        assert r["fid"] > 0 and 0 <= r["inception_precision"] <= 1 and 0 <= r["inception_recall"] <= 1
+    floor = json.load(open(tmp_path / "run" / "config.json"))["noise_floor"]
+    assert floor["fid"][0] > 0 and len(floor["inception_recall"]) == 2 and floor["fd"][0] > 0
+    assert run(tmp_path / "bad", *argv, "--inception-every", -1) == 2
