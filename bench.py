@@ -734,14 +734,14 @@ def report(res: dict) -> str:
 DIGITS = 1797  # scikit-learn's 8x8 digits: the real set, the samples per iteration and the evaluated ones
 
 
-def demo_row(name: str, threads: int, repeats: int) -> dict:
-    """One model's small preset as retrain.py runs it on the digits: s/step at its batch, ms/sample at its
-    sample_batch, and the projected minutes of pretraining, of one retraining iteration and of
-    `retrain.py --model NAME --lam 1 --iters 20` (training + sampling; metrics, plots and checkpoints add a
-    second or two per iteration)."""
+def demo_row(name: str, threads: int, repeats: int, preset: str = "small", n: int = DIGITS, iters: int = 20) -> dict:
+    """One model's preset as retrain.py runs it on n real images: s/step at its batch, ms/sample at its sample_batch,
+    and the projected minutes of pretraining, of one retraining iteration (n samples), of `retrain.py --model NAME
+    --lam 1 --iters 20` and of one seed of a sweep over 4 lambdas x `iters` iterations (training + sampling; metrics,
+    plots and checkpoints add a second or two per iteration)."""
     torch.set_num_threads(threads)
     module = importlib.import_module(name)
-    cfg = module.make_config("small")
+    cfg = module.make_config(preset)
     torch.manual_seed(0)
     model = module.Model(cfg, "cpu")
     x = torch.rand(cfg.batch, cfg.img_channels, cfg.img_resolution, cfg.img_resolution) * 2 - 1
@@ -750,33 +750,52 @@ def demo_row(name: str, threads: int, repeats: int) -> dict:
     sample_s = statistics.median(time_calls(lambda: model.generate(seeds), 1, max(1, repeats // 3),
                                             torch.device("cpu"))) / len(seeds)
     pre_steps, it_steps = round(cfg.pretrain_kimg * 1000 / cfg.batch), round(cfg.kimg * 1000 / cfg.batch)
-    pre = pre_steps * step_s + DIGITS * sample_s
-    it = it_steps * step_s + DIGITS * sample_s
-    return {"model": name, "threads": threads, "batch": cfg.batch, "step_s": step_s, "sample_ms": sample_s * 1e3,
-            "nfe": model.nfe, "pretrain_steps": pre_steps, "iter_steps": it_steps, "pretrain_min": pre / 60,
-            "iter_s": it, "readme_min": (pre + 20 * it) / 60,
-            "digits_stage_min": (pre + 4 * 20 * it) / 60}  # per seed: one pretraining and lambda 0, 0.5, 1, inf
+    pre = pre_steps * step_s + n * sample_s
+    it = it_steps * step_s + n * sample_s
+    return {"model": name, "preset": preset, "threads": threads, "batch": cfg.batch, "step_s": step_s,
+            "sample_ms": sample_s * 1e3, "nfe": model.nfe, "pretrain_steps": pre_steps, "iter_steps": it_steps,
+            "pretrain_min": pre / 60, "iter_s": it, "readme_min": (pre + 20 * it) / 60,
+            "sweep_min": (pre + 4 * iters * it) / 60}  # per seed: one pretraining and lambda 0, 0.5, 1, inf
 
 
-DEMO_TABLE = [("model", "model", str), ("threads", "threads", fmt), ("batch", "batch", fmt),
+DEMO_TABLE = [("model", "model", str), ("preset", "preset", str), ("threads", "threads", fmt), ("batch", "batch", fmt),
               ("step_s", "s/step", fmt), ("sample_ms", "ms/sample", fmt), ("nfe", "NFE", fmt),
               ("pretrain_steps", "pretrain steps", fmt), ("pretrain_min", "pretrain min", fmt),
               ("iter_steps", "steps/iter", fmt), ("iter_s", "1 iter s", fmt),
-              ("readme_min", "README cmd min", fmt), ("digits_stage_min", "digits min/seed", fmt)]
+              ("readme_min", "lam 1 x 20 min", fmt), ("sweep_min", "4 lams min/seed", fmt)]
+
+
+def inception_rate(threads: int, n: int = 16) -> float:
+    """Images per second of fid.inception_features on 32x32 greyscale images (random weights: the same speed)."""
+    torch.set_num_threads(threads)
+    net = fid.FIDInception().eval().requires_grad_(False)
+    images = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8)
+    return n / statistics.median(time_calls(lambda: fid.inception_features(images, net, batch_size=n, progress=False),
+                                            1, 2, torch.device("cpu")))
 
 
 def demo(args) -> dict:
-    """--demo: every model's demo_row at 1 thread and at all cores, and the reproduce.py digits total."""
+    """--demo: every model's small preset (demo_row) at 1 thread and at all cores, ddpm's mnist preset and Inception's
+    rate beside them, and the projected minutes of reproduce.py digits and mnist."""
     header = {"device": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_avg_1_5_15": [round(v, 2) for v in (os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))]}
     cores = jobs.cpu_cores()
     models = [m for m in MODELS if "all" in args.model or m in args.model]
-    rows = [demo_row(m, t, args.iters or 5) for m in models for t in sorted({1, args.threads or cores})]
+    threads = sorted({1, args.threads or cores})
+    rows = [demo_row(m, t, args.iters or 5) for m in models for t in threads]
     # reproduce.py digits --jobs 2: per seed 3 pretrainings and 12 lambda runs, two at a time on one thread each
     one = [r for r in rows if r["threads"] == 1]
-    stage = sum(r["digits_stage_min"] for r in one) * len(reproduce.DIGITS_SEEDS) / 2 if len(one) == 3 else None
-    return {"header": header, "demo": rows, "reproduce_digits_min_jobs2": stage}
+    stage = sum(r["sweep_min"] for r in one) * len(reproduce.DIGITS_SEEDS) / 2 if len(one) == 3 else None
+    res = {"header": header, "demo": rows, "reproduce_digits_min_jobs2": stage}
+    if "ddpm" in models:  # reproduce.py mnist: pretraining on all threads, then the lambdas two at a time on one each,
+        n, its = reproduce.REAL_EVAL, reproduce.REAL_ITERS  # Inception on the reference and 9 evaluations of n samples
+        mnist = [demo_row("ddpm", t, args.iters or 3, "mnist", n, its) for t in threads]
+        res["inception_img_s"] = {t: inception_rate(t) for t in threads}
+        res["reproduce_mnist_min"] = (mnist[-1]["pretrain_min"] + (mnist[0]["sweep_min"] - mnist[0]["pretrain_min"]) / 2
+                                      + 10 * n / res["inception_img_s"][threads[-1]] / 60)
+        res["demo"] += mnist
+    return res
 
 
 def demo_report(res: dict) -> str:
@@ -789,6 +808,11 @@ def demo_report(res: dict) -> str:
         lines.append(f"reproduce.py digits --jobs 2 (3 models x lambda 0, 0.5, 1, inf x 20 iterations x "
                      f"{len(reproduce.DIGITS_SEEDS)} seeds, one thread a job): "
                      f"~{res['reproduce_digits_min_jobs2']:.0f} min")
+    if "reproduce_mnist_min" in res:
+        lines.append("Inception features of 32x32 greyscale images: "
+                     + ", ".join(f"{rate:.1f} img/s on {t} thread(s)" for t, rate in res["inception_img_s"].items())
+                     + f"; reproduce.py mnist (ddpm, mnist preset, 4 lambdas x {reproduce.REAL_ITERS} iterations, "
+                       f"{reproduce.REAL_EVAL} samples per iteration): ~{res['reproduce_mnist_min']:.0f} min")
     lines.append("notes: training + sampling only (metrics, plots, checkpoints: about a second per iteration); "
                  "a busy machine slows every figure (see the load average)")
     return "\n".join(lines)

@@ -124,6 +124,13 @@ PRESETS = {
                   kimg=12.8,                  # 100 steps per retraining iteration
                   num_steps=12,               # 23 NFE, see above
                   sample_batch=512),          # 1.5x faster than all 1,797 in one call on one CPU thread
+    # 32x32 greyscale (MNIST, Fashion-MNIST padded) on a 2-core CPU: the network shape of ddpm.py's "mnist" (16, 32,
+    # 64 channels at 32, 16, 8 pixels; attention at 8x8), its batch, schedule and budgets; not trialled on its own.
+    "mnist": dict(img_channels=1, img_resolution=32, model_channels=16, channel_mult=(1, 2, 4), num_blocks=1,
+                  attn_resolutions=(8,), augment_dim=0, dropout=0.0, batch=64, lr=2e-3,
+                  lr_rampup_kimg=6.4,         # 100 steps of ramp, once
+                  ema_halflife_kimg=6.4,      # ~100 steps: follows each 100-step fine-tune
+                  pretrain_kimg=320.0, kimg=6.4, num_steps=12, sample_batch=250),
 }
 
 # Public addresses of NVIDIA's released networks (EDM README, "Pre-trained models"), by dataset name.

@@ -4,7 +4,8 @@ Bertrand, Bose, Duplessis, Jiralerspong & Gidel, "On the Stability of Iterative 
 Generative Models on their Own Data" (ICLR 2024, arXiv 2310.00429).
 
     save_grid, plot_metrics     one run's sample sheets and metrics against iteration (retrain.py)
-    theory_figures, digits_figures (with digits_table), regimes_gaussian_figures, regimes_digits_figures
+    theory_figures, digits_figures (with digits_table), real_images_figures (mnist, fashion-mnist),
+    regimes_gaussian_figures, regimes_digits_figures
                                 one stage of reproduce.py each, drawn from its finished run folders; the stage's
                                 settings (lambdas, seeds, n, ...) are passed in, the figures go to `results`
 """
@@ -278,6 +279,62 @@ def digits_table(runs: str, results: str, models: tuple, lams: tuple, seeds: tup
     with open(csv, "w") as f:
         f.write(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
     return [path, csv]
+
+
+def real_images_figures(runs: str, results: str, name: str, lams: tuple, iters: int) -> list[str]:
+    """One sweep on real images (runs/NAME/lam_LAM, one seed): every metric against iteration with its noise floor,
+    a sheet of samples (a row per lambda: iteration 0 left, the last right) and results/NAME_table.md."""
+    from PIL import Image
+
+    folder = os.path.join(runs, name)
+    hs = {lam: history(os.path.join(folder, f"lam_{lam}")) for lam in lams}
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    made = [os.path.join(results, f"{name}_metrics.png"), os.path.join(results, f"{name}_samples.png")]
+    plot_metrics(hs, made[0], floor=config["noise_floor"],
+                 title=f"{config['model']} ({config['preset']} preset) on {name}, n = {config['n_real']} real images; "
+                       f"{config['n_eval']} samples against {config['n_reference']} test images")
+    grids = [[Image.open(os.path.join(folder, f"lam_{lam}", "samples", f"iter{it:03d}.png")) for it in (0, iters)]
+             for lam in lams]
+    w, h = grids[0][0].size
+    sheet = Image.new(grids[0][0].mode, (2 * w + 8, len(lams) * (h + 8)), 255)
+    for i, row in enumerate(grids):
+        for j, img in enumerate(row):
+            sheet.paste(img, (j * (w + 8), i * (h + 8)))
+    sheet.save(made[1])
+    return made + [real_images_table(hs, config, os.path.join(results, f"{name}_table.md"), name, iters)]
+
+
+def real_images_table(hs: dict, config: dict, path: str, name: str, iters: int) -> str:
+    """Iteration 0 and the last per lambda against the floors; neighbouring lambdas' last FDs compared with the
+    noise of one FD, taken as the standard deviation of lambda = 0's FD over iterations 1..iters (sampling and
+    training noise together; its model stays where it is): z = difference / (sqrt(2) sd)."""
+    f, keys = config["noise_floor"], ("fid", "inception_precision", "inception_recall", "fd", "precision", "recall",
+                                      "coverage", "class_tv", "nn_train_share")
+    at = {lam: {r["iter"]: r for r in h} for lam, h in hs.items()}
+    heads = ("FID (Inception)", "Inception precision", "Inception recall", "FD (classifier)", "precision", "recall",
+             "coverage", "class TV", "copies")
+    lines = [f"{name}: {config['model']} ({config['preset']} preset), n = {config['n_real']} real training images, "
+             f"{config['n_eval']} samples per iteration against the first {config['n_reference']} images of the test "
+             "split; Inception at iterations 0, middle and last, the classifier's space every iteration. Copies: the "
+             "share of samples whose nearest real image (pixels) is a training one (0.5: no copying). Written by "
+             f"`python reproduce.py {name}`.", "",
+             "| λ | iteration | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads),
+             "| real vs real | (mean ± sd) | " + " | ".join(f"{f[k][0]:.3g} ± {f[k][1]:.2g}" if k in f else "" for k in keys) + " |"]
+    for lam in hs:
+        for it in (0, iters):
+            r = at[lam][it]
+            lines.append(f"| {lam} | {it} | " + " | ".join(f"{r[k]:.3g}" if k in r else "" for k in keys) + " |")
+    control = next(iter(hs))  # the first lambda, 0
+    sd = np.std([at[control][it]["fd"] for it in range(1, iters + 1)], ddof=1)
+    z = [f"λ {a} → {b}: {at[b][iters]['fd'] - at[a][iters]['fd']:+.3g} (z = "
+         f"{(at[b][iters]['fd'] - at[a][iters]['fd']) / (math.sqrt(2) * sd):+.1f})" for a, b in zip(hs, list(hs)[1:])]
+    lines += ["", f"Classifier FD at iteration {iters}, each λ against the next, with z = difference / (√2 sd), sd = "
+              f"{sd:.3g}, the standard deviation of λ = {control}'s FD over iterations 1-{iters} (one seed): "
+              + "; ".join(z) + "."]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------

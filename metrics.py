@@ -89,8 +89,8 @@ class Evaluator:
             self.kind = "pixel" if is_image else "raw"
         self.fd_key = "fid" if self.kind == "inception" else "fd"
         self.every, self.inception = inception_every, None
-        if inception_every and self.kind != "inception":
-            self.inception = Evaluator(reference, None, n_train, "inception", inception, n_eval, device, progress,
+        if inception_every and self.kind != "inception":  # its floor's real halves also from the training images
+            self.inception = Evaluator(reference, train, n_train, "inception", inception, n_eval, device, progress,
                                        cache, classifier_cache, seed)
         self.floor = {}  # rank 0's, below
         if not self.main:

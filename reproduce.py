@@ -11,6 +11,8 @@ last finished iteration; --restart deletes the stage's runs first.
     python reproduce.py all --jobs 2           # everything below, on 2 CPU cores (see README for the time)
     python reproduce.py theory                 # the Gaussian warm-up: contraction rate and collapse (minutes)
     python reproduce.py digits --jobs 2        # ddpm, edm, otcfm on the 8x8 digits: 4 lambdas, 20 iterations, 3 seeds
+    python reproduce.py mnist                  # otcfm on MNIST 32x32, Inception FID beside the classifier's space
+    python reproduce.py fashion-mnist          # the same on Fashion-MNIST
     python reproduce.py regimes-gaussian --jobs 2  # pools, real data, temperature, curation on the 1-D Gaussian (minutes)
     python reproduce.py regimes-digits --jobs 2    # the same regimes, and warm start vs from scratch, on the digits
     python reproduce.py all --dry-run          # print the commands and check that they parse, run nothing
@@ -39,6 +41,12 @@ DIGITS_MODELS = ("ddpm", "edm", "otcfm")  # slowest first: the pool starts jobs 
 DIGITS_LAMS = ("0", "0.5", "1", "inf")
 DIGITS_ITERS = 20
 DIGITS_SEEDS = (0, 1, 2)  # independent replicates, iteration 0 included: the table gives mean +- sd over them
+# Real images (MNIST, Fashion-MNIST at 32x32, the mnist preset that --preset auto picks for them): one sweep over
+# the lambdas from one iteration 0, on a subset of the training split (lambda n samples per iteration cost CPU
+# time), measured against the start of the test split; Inception at iterations 0, REAL_ITERS / 2 and REAL_ITERS
+REAL_DATA = ("mnist", "fashion-mnist")
+REAL_MODEL = "otcfm"  # the best classifier-space FD per CPU-minute in a trial on MNIST (otcfm.py's mnist preset)
+REAL_N, REAL_EVAL, REAL_ITERS = 1000, 1000, 10  # real images trained on; samples evaluated = test images measured against
 # The self-consuming regimes on the Gaussian, in 1-D: gaussian.py's closed forms are 1-D, and there
 # log det Sigma_t = log s2_t and mean_err = |mu_t - mu*| (metrics.jsonl)
 REGIMES = f"{RUNS}/regimes-gaussian"
@@ -76,6 +84,13 @@ def digits_jobs(m: str) -> list[jobs.Job]:
     return [retrain_job(f"{m}-pretrain", f"{PY} {small} --lam 0 --iters 0 --out {run}/pretrain"),
             *(retrain_job(f"{m}-lam{lam}", f"{PY} {small} --lam {lam} --iters {DIGITS_ITERS} --out {run}/lam_{lam}",
                           after=f"{m}-pretrain") for lam in DIGITS_LAMS)]
+
+
+def real_images_job(name: str) -> jobs.Job:
+    """The lambda sweep on a real image dataset (REAL_DATA), one job: its lambdas run two at a time on two threads."""
+    return retrain_job(name, f"{PY} --model {REAL_MODEL} --data {name} --n-real {REAL_N} --n-eval {REAL_EVAL} --n-ref {REAL_EVAL} "
+                             f"--lam {' '.join(DIGITS_LAMS)} --iters {REAL_ITERS} --inception-every {REAL_ITERS // 2} "
+                             f"--cache {RUNS}/{name}-cache --out {RUNS}/{name}")
 
 
 def regimes_gaussian_jobs() -> list[jobs.Job]:
@@ -129,6 +144,7 @@ STAGES = {
                                               f"--iters 300 --out {RUNS}/gauss-collapse-n{n}") for n in COLLAPSE_N),
     ],
     "digits": [job for m in DIGITS_MODELS for job in digits_jobs(m)],
+    **{name: [real_images_job(name)] for name in REAL_DATA},
     "regimes-gaussian": regimes_gaussian_jobs(),
     "regimes-digits": regimes_digits_jobs(),
 }
@@ -138,6 +154,8 @@ STAGES = {
 FIGURES = {
     "theory": lambda: figures.theory_figures(RUNS, RESULTS, THEORY_LAMS, COLLAPSE_N),
     "digits": lambda: figures.digits_figures(RUNS, RESULTS, DIGITS_MODELS, DIGITS_LAMS, DIGITS_SEEDS, DIGITS_ITERS),
+    **{name: (lambda name=name: figures.real_images_figures(RUNS, RESULTS, name, DIGITS_LAMS, REAL_ITERS))
+       for name in REAL_DATA},
     "regimes-gaussian": lambda: figures.regimes_gaussian_figures(
         REGIMES, RESULTS, pools=POOLS, pool_n=POOL_N, reals=REALS, taus=TAUS, mad_n=MAD_N, mad_lam=MAD_LAM,
         curate_lams=CURATE_LAMS, betas=BETAS, curate_n=CURATE_N, curate_k=CURATE_K),

@@ -89,14 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20, help="retraining iterations after iteration 0")
     p.add_argument("--data", default=None, help="cifar10 | digits | mnist | fashion-mnist (padded to 32x32) | gaussian | "
                    "folder | .zip | .npy/.npz (default: chosen by --preset auto)")
-    p.add_argument("--data-root", default="data", help="where cifar10 is downloaded")
+    p.add_argument("--data-root", default="data", help="where cifar10, mnist and fashion-mnist are downloaded or found")
     p.add_argument("--n-real", type=int, default=None, help="use only the first N real images (gaussian: draw N; default 1000)")
     p.add_argument("--dim", type=int, default=2, help="dimension of --data gaussian")
     p.add_argument("--kimg", type=float, default=None, help="thousands of images seen per retraining iteration (default: the preset's)")
     p.add_argument("--n-eval", type=int, default=None, help=f"samples evaluated per iteration (default: {N_EVAL_PAPER}, or all of a smaller data set)")
     p.add_argument("--n-ref", type=int, default=None, help="measure against the first N images of the test split (default: all)")
     p.add_argument("--init", default=None, help="initial model: a checkpoint path, or 'official' to download the released one")
-    p.add_argument("--preset", default="auto", help="auto | paper | small (or another preset of the model); auto: paper on CUDA, small on CPU")
+    p.add_argument("--preset", default="auto", help="auto | paper | small | mnist (or another preset of the model); auto: the one built for the --data named "
+                   "(digits: small, mnist and fashion-mnist: mnist, cifar10: paper), else paper on CUDA, small on CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a field of the model's Config (repeatable)")
     p.add_argument("--metrics", default="auto", choices=("auto", "inception", "classifier", "pixel"),
                    help="feature space of the metrics; auto: a classifier trained on the labels for labelled images "

@@ -107,17 +107,24 @@ class Settings:
         return self.real.dtype == torch.uint8
 
 
+DATA_PRESETS = {"digits": "small", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "paper"}  # --preset auto
+
+
 def choose_preset(args, device: torch.device) -> tuple[str, str]:
-    """(preset, data) of --preset auto: the paper's on CUDA (CIFAR-10), the small one on a CPU (the digits)."""
+    """(preset, data) of --preset auto: the preset built for the named data (DATA_PRESETS); for other data, or none,
+    the paper's on CUDA (CIFAR-10 when no --data) and the small one on a CPU (the digits)."""
     preset, data_spec = args.preset, args.data
     if preset == "auto":
-        preset = "paper" if device.type == "cuda" else "small"
-        why = "a CUDA device is present" if device.type == "cuda" else "no CUDA device"
+        if data_spec in DATA_PRESETS and args.model != "gaussian":
+            preset, why = DATA_PRESETS[data_spec], f"built for {data_spec}"
+        else:
+            preset = "paper" if device.type == "cuda" else "small"
+            why = "a CUDA device is present" if device.type == "cuda" else "no CUDA device"
         if data_spec is None:
             data_spec = "gaussian" if args.model == "gaussian" else ("cifar10" if preset == "paper" else "digits")
         if rank_world()[0] == 0:
             print(f"retrain.py: --preset auto -> '{preset}' on {data_spec} ({why}); "
-                  f"choose with --preset paper|small and --data cifar10|digits|PATH")
+                  f"choose with --preset paper|small|mnist and --data cifar10|digits|mnist|fashion-mnist|PATH")
     if data_spec is None:
         data_spec = "gaussian" if args.model == "gaussian" else ("cifar10" if preset != "small" else "digits")
     return preset, data_spec

@@ -225,4 +225,23 @@ def test_demo_projects_the_readme_command(monkeypatch):
     pre = 100 * row["step_s"] + 1797 * row["sample_ms"] / 1000
     it = 20 * row["step_s"] + 1797 * row["sample_ms"] / 1000
     assert row["iter_s"] == pytest.approx(it) and row["readme_min"] == pytest.approx((pre + 20 * it) / 60)
-    assert "README cmd min" in out and res["header"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert row["sweep_min"] == pytest.approx((pre + 4 * 20 * it) / 60)
+    assert "lam 1 x 20 min" in out and res["header"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "reproduce_mnist_min" not in res  # ddpm's mnist preset comes with ddpm only
+
+
+def test_demo_projects_the_mnist_stage(monkeypatch):
+    """With ddpm: its mnist preset's row (1,000 samples per iteration, 10 iterations) and Inception's rate, and
+    reproduce.py mnist's minutes as the pretraining plus half the four lambdas' iterations (two processes of one
+    thread) plus the Inception features of 10 x 1,000 images."""
+    for preset in ("small", "mnist"):
+        monkeypatch.setitem(ddpm.PRESETS, preset, {**ddpm.PRESETS[preset], "batch": 8, "sample_batch": 2,
+                                                   "sample_steps": 2, "pretrain_kimg": 0.08, "kimg": 0.016})
+    monkeypatch.setattr(bench, "inception_rate", lambda threads: 7.0)
+    res, out = run_bench(["--demo", "--model", "ddpm", "--threads", "1", "--iters", "1"])
+    small, mnist = res["demo"]
+    assert (small["preset"], mnist["preset"]) == ("small", "mnist") and mnist["pretrain_steps"] == 10
+    it = 2 * mnist["step_s"] + 1000 * mnist["sample_ms"] / 1000
+    assert mnist["iter_s"] == pytest.approx(it)
+    assert res["reproduce_mnist_min"] == pytest.approx(mnist["pretrain_min"] + 4 * 10 * it / 60 / 2 + 10_000 / 7.0 / 60)
+    assert "7.0 img/s on 1 thread(s)" in out and "reproduce.py mnist" in out

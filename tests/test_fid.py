@@ -94,6 +94,26 @@ def test_grey_images_are_repeated_to_rgb(net):
     assert np.abs(a - b).max() < 1e-6 and np.abs(a).max() > 0.01
 
 
+RELEASED = os.path.join(torch.hub.get_dir(), "checkpoints", fid.WEIGHTS_FILE)
+
+
+@pytest.mark.skipif(not os.path.isfile(RELEASED), reason=f"no released FID Inception weights at {RELEASED}")
+def test_released_weights_tell_made_digits_apart():
+    """The weights file as users have it (pytorch-fid's layout, in the torch hub cache): it loads strictly, and its
+    pool3 features of 32x32 greyscale strokes (four shifted bars, four shifted rings) are non-negative (an average of
+    ReLUs), with each image nearer the other three of its kind than any of the other kind."""
+    net = fid.load_inception()
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    bars = [((xx - 14 - d).abs() < 2) & ((yy - 16).abs() < 10) for d in range(4)]
+    rings = [((((xx - 14 - d) ** 2 + (yy - 16) ** 2).sqrt() - 8).abs() < 1.5) for d in range(4)]
+    images = (torch.stack(bars + rings)[:, None] * 255).to(torch.uint8)  # (8, 1, 32, 32)
+    f = fid.inception_features(images, net, progress=False)
+    assert f.shape == (8, 2048) and f.min() >= 0 and np.isfinite(f).all()
+    d = np.linalg.norm(f[:, None] - f[None], axis=-1)  # (8, 8)
+    kind = np.arange(8) // 4
+    assert all(d[i][(kind == kind[i]) & (np.arange(8) != i)].max() < d[i][kind != kind[i]].min() for i in range(8))
+
+
 def test_pixel_features_scale_to_minus_one_one():
     x = torch.tensor([0, 255, 51], dtype=torch.uint8).reshape(1, 1, 1, 3).repeat(2, 3, 1, 1)  # (2, 3, 1, 3)
     f = fid.pixel_features(x)

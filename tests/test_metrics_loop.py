@@ -137,4 +137,6 @@ def test_inception_every_k_iterations_beside_the_classifier(tmp_path):
         assert r["fid"] > 0 and 0 <= r["inception_precision"] <= 1 and 0 <= r["inception_recall"] <= 1
     floor = json.load(open(tmp_path / "run" / "config.json"))["noise_floor"]
     assert floor["fid"][0] > 0 and len(floor["inception_recall"]) == 2 and floor["fd"][0] > 0
+    # the floor's real sets are drawn from the test digits and the first n_eval training digits, as the classifier's
+    assert len(np.load(tmp_path / "run" / "train-features.npz")["features"]) == 16
     assert run(tmp_path / "bad", *argv, "--inception-every", -1) == 2

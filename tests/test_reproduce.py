@@ -239,6 +239,38 @@ def test_digits_table_gives_mean_sd_over_seeds_and_tests_lambdas_paired_over_see
     assert "ddpm,0.5,2,2,3.2," in open(made[-1]).read()
 
 
+def test_real_images_table_compares_lambdas_with_the_control_s_spread(tmp_path, monkeypatch):
+    """reproduce.py mnist's figures: the metrics, a sheet of 4 lambdas x (iteration 0, last), and the table: the floor
+    row, iteration 0 and the last per lambda (Inception's numbers where measured), and each lambda's last FD against
+    the next with z = difference / (sqrt 2 sd), sd that of lambda 0's FD over iterations 1..last."""
+    from PIL import Image
+
+    monkeypatch.setattr(reproduce, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(reproduce, "REAL_ITERS", 2)
+    os.makedirs(tmp_path / "results")
+    floor = {**FLOOR, "fid": [10.9, 0.4], "inception_precision": [0.7, 0.02], "inception_recall": [0.7, 0.02],
+             "nn_train_share": [0.5, 0.016]}
+    last = {"0": 1.2, "0.5": 1.4, "1": 1.4, "inf": 3.0}
+    for lam, fd in last.items():
+        _fake_run(tmp_path / "runs" / "mnist" / f"lam_{lam}",
+                  [_record(0, 1.1, fid=20.0, inception_precision=0.6, inception_recall=0.5), _record(1, 1.0),
+                   _record(2, fd, fid=10 * fd, inception_precision=0.6, inception_recall=0.5)])
+    with open(tmp_path / "runs" / "mnist" / "config.json", "w") as f:
+        json.dump({"model": "ddpm", "preset": "mnist", "n_real": 1000, "n_eval": 1000, "n_reference": 1000,
+                   "noise_floor": floor}, f)
+    made = reproduce.FIGURES["mnist"]()
+    assert all(os.path.exists(p) for p in made) and len(made) == 3
+    assert Image.open(made[1]).size == (2 * 8 + 8, 4 * (8 + 8))  # 4 rows of two 8x8 grids, 8 pixels apart
+    table = open(made[2]).read()
+    assert "| real vs real | (mean ± sd) | 10.9 ± 0.4 | 0.7 ± 0.02 | 0.7 ± 0.02 | 2.5 ± 0.5 |" in table and "| 0.5 ± 0.016 |" in table
+    assert "| inf | 2 | 30 | 0.6 | 0.5 | 3 | 0.8 | 0.9 | 0.85 | 0.05 | 0.5 |" in table
+    assert "| 0 | 1 |" not in table  # iterations 0 and the last only
+    sd = math.sqrt(0.02)  # FDs 1.0 and 1.2 of lambda 0 at iterations 1 and 2
+    assert f"sd = {sd:.3g}" in table and "λ 0 → 0.5: +0.2 (z = +1.0)" in table and "λ 0.5 → 1: +0 (z = +0.0)" in table
+    assert f"λ 1 → inf: +1.6 (z = {1.6 / (math.sqrt(2) * sd):+.1f})" in table
+
+
 def test_regimes_digits_figure_and_notes(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "DIGITS_REGIMES", str(tmp_path / "rd"))
     monkeypatch.setattr(reproduce, "RESULTS", str(tmp_path / "results"))

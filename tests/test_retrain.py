@@ -478,6 +478,40 @@ def test_every_preset_is_in_range_and_a_number_out_of_range_is_named(name):
                 module.make_config("small", **{field: value})
 
 
+@pytest.mark.parametrize("model, data_flag, device, want", [
+    ("ddpm", "mnist", "cpu", ("mnist", "mnist")), ("otcfm", "fashion-mnist", "cpu", ("mnist", "fashion-mnist")),
+    ("edm", "mnist", "cuda", ("mnist", "mnist")), ("ddpm", "digits", "cuda", ("small", "digits")),
+    ("edm", "cifar10", "cpu", ("paper", "cifar10")), ("ddpm", None, "cpu", ("small", "digits")),
+    ("ddpm", None, "cuda", ("paper", "cifar10")), ("ddpm", "some/folder", "cpu", ("small", "some/folder")),
+    ("ddpm", "some/folder", "cuda", ("paper", "some/folder")), ("gaussian", None, "cpu", ("small", "gaussian"))])
+def test_preset_auto_takes_the_one_built_for_the_data(model, data_flag, device, want, capsys):
+    """--preset auto: the preset of a named dataset on every device (MNIST and Fashion-MNIST: mnist); other data, or
+    none, by the device; an explicit --preset stays."""
+    argv = ["--model", model] + (["--data", data_flag] if data_flag else [])
+    args = retrain.build_parser().parse_args(argv)
+    assert settings.choose_preset(args, torch.device(device)) == want
+    assert f"--preset auto -> '{want[0]}' on {want[1]}" in capsys.readouterr().out
+    args = retrain.build_parser().parse_args(argv + ["--preset", "paper"])
+    assert settings.choose_preset(args, torch.device(device))[0] == "paper"
+
+
+@pytest.mark.parametrize("name", ["ddpm", "edm", "otcfm"])
+def test_the_mnist_preset_trains_and_samples_32x32_greyscale(name):
+    """Each model's mnist preset: 32 x 32 x 1, no flips; two training steps (EDM's learning rate ramps up from 0)
+    give finite losses and move the weights; generate gives (N, 1, 32, 32) in [-1, 1]."""
+    module = __import__(name)
+    cfg = module.make_config("mnist", sample_batch=2, **{k: 2 for k in ("sample_steps", "num_steps", "steps")
+                                                         if hasattr(module.Config, k)})
+    assert (cfg.img_channels, cfg.img_resolution, cfg.xflip, cfg.batch) == (1, 32, False, 64)
+    torch.manual_seed(0)
+    model = module.Model(cfg, "cpu")
+    before = [p.detach().clone() for p in model.net.parameters()]
+    losses = [model.train_step(torch.rand(4, 1, 32, 32) * 2 - 1) for _ in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses) and any(not torch.equal(a, b) for a, b in zip(before, model.net.parameters()))
+    x = model.generate(torch.arange(3))
+    assert x.shape == (3, 1, 32, 32) and x.abs().max() <= 1 and torch.isfinite(x).all()
+
+
 @pytest.mark.parametrize("case", BAD_IMAGES)
 def test_bad_settings_one_line_and_the_forced_folder_kept(tmp_path, existing_run, capsys, case):
     extra, needle = BAD_IMAGES[case]
