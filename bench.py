@@ -775,8 +775,8 @@ def inception_rate(threads: int, n: int = 16) -> float:
 
 
 def demo(args) -> dict:
-    """--demo: every model's small preset (demo_row) at 1 thread and at all cores, ddpm's mnist preset and Inception's
-    rate beside them, and the projected minutes of reproduce.py digits and mnist."""
+    """--demo: every model's small preset (demo_row) at 1 thread and at all cores, the mnist preset of reproduce.py
+    mnist's model and Inception's rate beside them, and the projected minutes of reproduce.py digits and mnist."""
     header = {"device": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "load_avg_1_5_15": [round(v, 2) for v in (os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0))]}
@@ -788,12 +788,12 @@ def demo(args) -> dict:
     one = [r for r in rows if r["threads"] == 1]
     stage = sum(r["sweep_min"] for r in one) * len(reproduce.DIGITS_SEEDS) / 2 if len(one) == 3 else None
     res = {"header": header, "demo": rows, "reproduce_digits_min_jobs2": stage}
-    if "ddpm" in models:  # reproduce.py mnist: pretraining on all threads, then the lambdas two at a time on one each,
-        n, its = reproduce.REAL_EVAL, reproduce.REAL_ITERS  # Inception on the reference and 9 evaluations of n samples
-        mnist = [demo_row("ddpm", t, args.iters or 3, "mnist", n, its) for t in threads]
+    if reproduce.REAL_MODEL in models:  # reproduce.py mnist: pretraining on all threads, then the lambdas two at a time
+        n, its = reproduce.REAL_EVAL, reproduce.REAL_ITERS  # on one each; Inception: the real sets, 9 x n samples
+        mnist = [demo_row(reproduce.REAL_MODEL, t, args.iters or 3, "mnist", n, its) for t in threads]
         res["inception_img_s"] = {t: inception_rate(t) for t in threads}
         res["reproduce_mnist_min"] = (mnist[-1]["pretrain_min"] + (mnist[0]["sweep_min"] - mnist[0]["pretrain_min"]) / 2
-                                      + 10 * n / res["inception_img_s"][threads[-1]] / 60)
+                                      + 11 * n / res["inception_img_s"][threads[-1]] / 60)
         res["demo"] += mnist
     return res
 
@@ -811,8 +811,8 @@ def demo_report(res: dict) -> str:
     if "reproduce_mnist_min" in res:
         lines.append("Inception features of 32x32 greyscale images: "
                      + ", ".join(f"{rate:.1f} img/s on {t} thread(s)" for t, rate in res["inception_img_s"].items())
-                     + f"; reproduce.py mnist (ddpm, mnist preset, 4 lambdas x {reproduce.REAL_ITERS} iterations, "
-                       f"{reproduce.REAL_EVAL} samples per iteration): ~{res['reproduce_mnist_min']:.0f} min")
+                     + f"; reproduce.py mnist ({reproduce.REAL_MODEL}, mnist preset, 4 lambdas x {reproduce.REAL_ITERS} "
+                       f"iterations, {reproduce.REAL_EVAL} samples per iteration): ~{res['reproduce_mnist_min']:.0f} min")
     lines.append("notes: training + sampling only (metrics, plots, checkpoints: about a second per iteration); "
                  "a busy machine slows every figure (see the load average)")
     return "\n".join(lines)

@@ -320,7 +320,8 @@ def real_images_table(hs: dict, config: dict, path: str, name: str, iters: int) 
              "share of samples whose nearest real image (pixels) is a training one (0.5: no copying). Written by "
              f"`python reproduce.py {name}`.", "",
              "| λ | iteration | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads),
-             "| real vs real | (mean ± sd) | " + " | ".join(f"{f[k][0]:.3g} ± {f[k][1]:.2g}" if k in f else "" for k in keys) + " |"]
+             "| real vs real | (mean ± sd) | "
+             + " | ".join(f"{f[k][0]:.3g} ± {f[k][1]:.2g}" if k in f else "" for k in keys) + " |"]
     for lam in hs:
         for it in (0, iters):
             r = at[lam][it]

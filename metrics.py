@@ -63,7 +63,7 @@ class Evaluator:
                  inception_every: int = 0):
         """reference, train: (uint8 images or float vectors, labels or None); train the training split (None when
         the data have no test split: then the reference is the training set), whose first n_train the model
-        trains on. cache: a folder for the Inception features of the reference and training images.
+        trains on. cache: a folder for the Inception features of the reference and training images (inception_cache).
         inception_every K > 0 (in another space than Inception's): also Inception's FID, precision and recall
         against the reference at iteration 0 and every K-th (fid, inception_precision, inception_recall)."""
         self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
@@ -120,7 +120,7 @@ class Evaluator:
         if self.net is None:
             return self.features(x)
         try:
-            return fid.reference(x, name=f"{name}-{len(x)}", path=os.path.join(cache, f"{name}-features.npz"),
+            return fid.reference(x, name=f"{name}-{len(x)}", path=inception_cache(cache, name, x, self.net),
                                  net=self.net, device=self.device, progress=self.progress)["features"].astype(np.float64)
         except fid.ReferenceMismatch as e:
             raise UserError(str(e)) from None
@@ -208,6 +208,13 @@ class Evaluator:
             pixel = fid.noise_floor(pixels, self.n_eval, len(self.pixel_real), seed=seed, device=self.device)
             r.update({f"pixel_{k}": pixel[k] for k in ("fd", "precision", "recall", "density", "coverage")})
         return r
+
+
+def inception_cache(cache: str, name: str, images: torch.Tensor, net) -> str:
+    """The file of the Inception features of real images in the cache folder, named by the images' and the network's
+    fingerprints: every run and every lambda's process that measures against the same images finds it."""
+    images_id, net_id = fid.images_sha256(images)[:12], fid.weights_fingerprint(net)[:12]
+    return os.path.join(cache, f"inception-{name}-{images_id}-{net_id}.npz")
 
 
 def inception_keys(r: dict) -> dict:

@@ -88,8 +88,8 @@ def digits_jobs(m: str) -> list[jobs.Job]:
 
 def real_images_job(name: str) -> jobs.Job:
     """The lambda sweep on a real image dataset (REAL_DATA), one job: its lambdas run two at a time on two threads."""
-    return retrain_job(name, f"{PY} --model {REAL_MODEL} --data {name} --n-real {REAL_N} --n-eval {REAL_EVAL} --n-ref {REAL_EVAL} "
-                             f"--lam {' '.join(DIGITS_LAMS)} --iters {REAL_ITERS} --inception-every {REAL_ITERS // 2} "
+    return retrain_job(name, f"{PY} --model {REAL_MODEL} --data {name} --n-real {REAL_N} --n-eval {REAL_EVAL} "
+                             f"--n-ref {REAL_EVAL} --lam {' '.join(DIGITS_LAMS)} --iters {REAL_ITERS} --inception-every {REAL_ITERS // 2} "
                              f"--cache {RUNS}/{name}-cache --out {RUNS}/{name}")
 
 

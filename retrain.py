@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ref", type=int, default=None, help="measure against the first N images of the test split (default: all)")
     p.add_argument("--init", default=None, help="initial model: a checkpoint path, or 'official' to download the released one")
     p.add_argument("--preset", default="auto", help="auto | paper | small | mnist (or another preset of the model); auto: the one built for the --data named "
-                   "(digits: small, mnist and fashion-mnist: mnist, cifar10: paper), else paper on CUDA, small on CPU")
+                   "(digits: small, mnist and fashion-mnist: mnist), else paper on CUDA, small on CPU")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override a field of the model's Config (repeatable)")
     p.add_argument("--metrics", default="auto", choices=("auto", "inception", "classifier", "pixel"),
                    help="feature space of the metrics; auto: a classifier trained on the labels for labelled images "
@@ -394,7 +394,7 @@ def start_run(s: Settings, model, how: str | None, threads: str):
     barrier()  # the run folder is ready before any rank looks into it
     with on_every_rank():  # rank 0 alone reads or computes the real set's reference features
         evaluate = Evaluator(s.reference, s.whole if s.config["reference"] == "test" else None, len(s.real), s.args.metrics,
-                             s.args.inception, s.config["n_eval"], s.device, s.progress, cache=s.out,
+                             s.args.inception, s.config["n_eval"], s.device, s.progress, cache=s.cache,
                              classifier_cache=s.cache, seed=s.seed, inception_every=s.args.inception_every)
     if s.main:  # what the metrics are measured with, and their noise floor, beside the run's settings
         s.config["features"] = evaluate.kind

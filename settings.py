@@ -107,7 +107,7 @@ class Settings:
         return self.real.dtype == torch.uint8
 
 
-DATA_PRESETS = {"digits": "small", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "paper"}  # --preset auto
+DATA_PRESETS = {"digits": "small", "mnist": "mnist", "fashion-mnist": "mnist"}  # --preset auto; cifar10: by the device
 
 
 def choose_preset(args, device: torch.device) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import bench
 import ddpm
 import edm
 import otcfm
+import reproduce
 
 TINY = ["--quick", "--threads", "1", "--sample-mode", "scaled",
         "--set", "ddpm.sample_steps=10", "--set", "edm.num_steps=4"]
@@ -219,6 +220,7 @@ def test_demo_projects_the_readme_command(monkeypatch):
     pretraining (steps x s/step + 1,797 samples) plus 20 iterations (steps x s/step + 1,797 samples)."""
     monkeypatch.setitem(otcfm.PRESETS, "small", {**otcfm.PRESETS["small"], "batch": 16, "sample_batch": 8,
                                                  "pretrain_kimg": 1.6, "kimg": 0.32})
+    monkeypatch.setattr(reproduce, "REAL_MODEL", "edm")  # the mnist rows come with reproduce.py mnist's model only
     res, out = run_bench(["--demo", "--model", "otcfm", "--threads", "1", "--iters", "1"])
     (row,) = res["demo"]
     assert row["model"] == "otcfm" and row["batch"] == 16 and row["pretrain_steps"] == 100 and row["iter_steps"] == 20
@@ -227,21 +229,24 @@ def test_demo_projects_the_readme_command(monkeypatch):
     assert row["iter_s"] == pytest.approx(it) and row["readme_min"] == pytest.approx((pre + 20 * it) / 60)
     assert row["sweep_min"] == pytest.approx((pre + 4 * 20 * it) / 60)
     assert "lam 1 x 20 min" in out and res["header"]["capability"] == torch.backends.cpu.get_cpu_capability()
-    assert "reproduce_mnist_min" not in res  # ddpm's mnist preset comes with ddpm only
+    assert "reproduce_mnist_min" not in res
 
 
 def test_demo_projects_the_mnist_stage(monkeypatch):
-    """With ddpm: its mnist preset's row (1,000 samples per iteration, 10 iterations) and Inception's rate, and
-    reproduce.py mnist's minutes as the pretraining plus half the four lambdas' iterations (two processes of one
-    thread) plus the Inception features of 10 x 1,000 images."""
+    """With reproduce.py mnist's model: its mnist preset's row (1,000 samples per iteration, 10 iterations) and
+    Inception's rate, and the stage's minutes as the pretraining plus half the four lambdas' iterations (two
+    processes of one thread) plus the Inception features of 11 x 1,000 images (test and training images, iteration
+    0, and iterations 5 and 10 of each lambda)."""
+    module = {"ddpm": ddpm, "edm": edm, "otcfm": otcfm}[reproduce.REAL_MODEL]
+    steps = {k: 2 for k in ("sample_steps", "num_steps", "steps") if hasattr(module.Config, k)}
     for preset in ("small", "mnist"):
-        monkeypatch.setitem(ddpm.PRESETS, preset, {**ddpm.PRESETS[preset], "batch": 8, "sample_batch": 2,
-                                                   "sample_steps": 2, "pretrain_kimg": 0.08, "kimg": 0.016})
+        monkeypatch.setitem(module.PRESETS, preset, {**module.PRESETS[preset], "batch": 8, "sample_batch": 2,
+                                                     "pretrain_kimg": 0.08, "kimg": 0.016, **steps})
     monkeypatch.setattr(bench, "inception_rate", lambda threads: 7.0)
-    res, out = run_bench(["--demo", "--model", "ddpm", "--threads", "1", "--iters", "1"])
+    res, out = run_bench(["--demo", "--model", reproduce.REAL_MODEL, "--threads", "1", "--iters", "1"])
     small, mnist = res["demo"]
     assert (small["preset"], mnist["preset"]) == ("small", "mnist") and mnist["pretrain_steps"] == 10
     it = 2 * mnist["step_s"] + 1000 * mnist["sample_ms"] / 1000
     assert mnist["iter_s"] == pytest.approx(it)
-    assert res["reproduce_mnist_min"] == pytest.approx(mnist["pretrain_min"] + 4 * 10 * it / 60 / 2 + 10_000 / 7.0 / 60)
+    assert res["reproduce_mnist_min"] == pytest.approx(mnist["pretrain_min"] + 4 * 10 * it / 60 / 2 + 11_000 / 7.0 / 60)
     assert "7.0 img/s on 1 thread(s)" in out and "reproduce.py mnist" in out

@@ -288,12 +288,15 @@ def test_reference_cache_mismatch_on_rank_0_ends_both_ranks(tmp_path):
     """Rank 0 alone reads the real set's reference features; a cache made from other images is refused
     there, and rank 1 ends too, with the same line, instead of waiting in the first training step."""
     import fid
+    import metrics
 
     images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     np.save(tmp_path / "images.npy", images.numpy())
     torch.save(fid.FIDInception().state_dict(), tmp_path / "inception.pth")
     (tmp_path / "run").mkdir()
-    fid.reference(images.flip(0), name="other", path=str(tmp_path / "run" / "reference-features.npz"), progress=False)
+    net = fid.load_inception(str(tmp_path / "inception.pth"))
+    path = metrics.inception_cache(str(tmp_path / "cache"), "reference", images, net)  # the run's cache file
+    fid.reference(images.flip(0), name="other", path=path, progress=False)
     results = run_ranks(lambda r: [*TINY_RUN, "--data", tmp_path / "images.npy", "--metrics", "inception",
                                    "--inception", tmp_path / "inception.pth", "--out", tmp_path / "run",
                                    "--resume", "--force"], timeout=60)
@@ -323,6 +326,7 @@ def test_a_feature_error_on_one_rank_ends_both_ranks(tmp_path, failing):
     them. An error during the extraction on one rank ends both within 60 s with the same one-line error, instead
     of leaving the other waiting in the gather until the NCCL watchdog."""
     import fid
+    import metrics
 
     images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     np.save(tmp_path / "images.npy", images.numpy())

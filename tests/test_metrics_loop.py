@@ -138,5 +138,6 @@ def test_inception_every_k_iterations_beside_the_classifier(tmp_path):
     floor = json.load(open(tmp_path / "run" / "config.json"))["noise_floor"]
     assert floor["fid"][0] > 0 and len(floor["inception_recall"]) == 2 and floor["fd"][0] > 0
     # the floor's real sets are drawn from the test digits and the first n_eval training digits, as the classifier's
-    assert len(np.load(tmp_path / "run" / "train-features.npz")["features"]) == 16
+    (train,) = (tmp_path / "cache").glob("inception-train-*.npz")  # in the cache folder that later runs share
+    assert len(np.load(train)["features"]) == 16
     assert run(tmp_path / "bad", *argv, "--inception-every", -1) == 2

@@ -481,7 +481,7 @@ def test_every_preset_is_in_range_and_a_number_out_of_range_is_named(name):
 @pytest.mark.parametrize("model, data_flag, device, want", [
     ("ddpm", "mnist", "cpu", ("mnist", "mnist")), ("otcfm", "fashion-mnist", "cpu", ("mnist", "fashion-mnist")),
     ("edm", "mnist", "cuda", ("mnist", "mnist")), ("ddpm", "digits", "cuda", ("small", "digits")),
-    ("edm", "cifar10", "cpu", ("paper", "cifar10")), ("ddpm", None, "cpu", ("small", "digits")),
+    ("edm", "cifar10", "cpu", ("small", "cifar10")), ("ddpm", None, "cpu", ("small", "digits")),
     ("ddpm", None, "cuda", ("paper", "cifar10")), ("ddpm", "some/folder", "cpu", ("small", "some/folder")),
     ("ddpm", "some/folder", "cuda", ("paper", "some/folder")), ("gaussian", None, "cpu", ("small", "gaussian"))])
 def test_preset_auto_takes_the_one_built_for_the_data(model, data_flag, device, want, capsys):
