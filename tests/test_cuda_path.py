@@ -326,7 +326,6 @@ def test_a_feature_error_on_one_rank_ends_both_ranks(tmp_path, failing):
     them. An error during the extraction on one rank ends both within 60 s with the same one-line error, instead
     of leaving the other waiting in the gather until the NCCL watchdog."""
     import fid
-    import metrics
 
     images = (torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     np.save(tmp_path / "images.npy", images.numpy())
