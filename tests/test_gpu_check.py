@@ -712,11 +712,12 @@ def test_retrain_check_fails_when_retrain_fails(tiny, tiny_inputs, capsys):
     assert "missing.npy" in capsys.readouterr().err
 
 
-def test_retrain_check_fails_on_zero_features(tiny, tiny_inputs, monkeypatch):
-    """Inception features that are all zero (a broken feature extractor): FID 0, and the check fails."""
+def test_retrain_check_fails_on_zero_features(tiny, tiny_inputs, monkeypatch, tmp_path):
+    """Inception features that are all zero (a broken feature extractor): FID 0, and the check fails. (In a folder of
+    its own, whose cache holds no real features of the true extractor.)"""
     monkeypatch.setattr(fid, "inception_features", lambda images, *args, **kwargs: np.zeros((len(images), 2048)))
     with pytest.raises(AssertionError, match="FID 0 in iteration 0"):
-        run_retrain(tiny, tiny_inputs, {})
+        run_retrain({**tiny, "workdir": str(tmp_path)}, tiny_inputs, {})
 
 
 def test_features_check_fails_on_swapped_gather(tiny, tiny_inputs):
@@ -756,14 +757,15 @@ def test_dopri5_check_fails(fault, tiny, tiny_inputs, monkeypatch):
         assert_dopri5(run_dopri5(tiny, tiny_inputs))
 
 
-def test_retrain_compiled_check_fails_on_eager_fallback(tiny, tiny_inputs, monkeypatch):
+def test_retrain_compiled_check_fails_on_eager_fallback(tiny, tiny_inputs, monkeypatch, tmp_path):
     """retrain.py --compile where torch.compile fails: the run completes eagerly, and the check fails saying so.
-    (Inception features replaced by the images' first 64 values, whose metrics cost nothing: they play no part.)"""
+    (Inception features replaced by the images' first 64 values, whose metrics cost nothing: they play no part; in a
+    folder of its own, whose cache holds no real features of the true extractor.)"""
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(fid, "inception_features",
                         lambda images, *args, **kwargs: torch.as_tensor(images).flatten(1)[:, :64].double().numpy())
     with pytest.raises(AssertionError, match="fell back to eager: torch.compile failed"):
-        run_retrain(tiny, tiny_inputs, {}, compile_=True)
+        run_retrain({**tiny, "workdir": str(tmp_path)}, tiny_inputs, {}, compile_=True)
 
 
 def test_resume_check(tiny, monkeypatch):
