@@ -60,12 +60,13 @@ class Evaluator:
 
     def __init__(self, reference: tuple, train: tuple | None, n_train: int, choice: str, inception: str | None,
                  n_eval: int, device, progress: bool, cache: str, classifier_cache: str, seed: int,
-                 inception_every: int = 0):
+                 inception_every: int = 0, second_view: bool = True):
         """reference, train: (uint8 images or float vectors, labels or None); train the training split (None when
         the data have no test split: then the reference is the training set), whose first n_train the model
         trains on. cache: a folder for the Inception features of the reference and training images (inception_cache).
         inception_every K > 0 (in another space than Inception's): also Inception's FID, precision and recall
-        against the reference at iteration 0 and every K-th (fid, inception_precision, inception_recall)."""
+        against the reference at iteration 0 and every K-th (fid, inception_precision, inception_recall).
+        second_view False: the training images only join the noise floor's real pool (that nested Inception view)."""
         self.device, self.progress, self.net, self.clf, self.n_eval = device, progress, None, None, n_eval
         self.main = rank_world()[0] == 0
         real, labels = reference
@@ -88,10 +89,10 @@ class Evaluator:
         else:
             self.kind = "pixel" if is_image else "raw"
         self.fd_key = "fid" if self.kind == "inception" else "fd"
-        self.every, self.inception = inception_every, None
+        self.every, self.inception, self.second_view = inception_every, None, second_view
         if inception_every and self.kind != "inception":  # its floor's real halves also from the training images
             self.inception = Evaluator(reference, train, n_train, "inception", inception, n_eval, device, progress,
-                                       cache, classifier_cache, seed)
+                                       cache, classifier_cache, seed, second_view=False)
         self.floor = {}  # rank 0's, below
         if not self.main:
             return
@@ -174,7 +175,7 @@ class Evaluator:
             return {}
         r = self.space_metrics(f, self.real_feats, self.real_stats)
         r = {self.fd_key: r.pop("fd"), **r, "features": self.kind, **extra}
-        if hasattr(self, "train_feats"):
+        if self.second_view and hasattr(self, "train_feats"):
             train = self.space_metrics(f, self.train_feats, self.train_stats)
             r.update({f"train_{k}": train[k] for k in ("fd", "precision", "recall")})
             pixels = fid.pixel_features(fake)

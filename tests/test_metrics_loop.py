@@ -115,13 +115,20 @@ def test_seeds_are_independent_replicates_summarized_by_mean_and_spread(tmp_path
         strip(metrics(tmp_path / "s" / "seed_1" / "lam_1" / "metrics.jsonl"))
 
 
-def test_inception_every_k_iterations_beside_the_classifier(tmp_path):
+def test_inception_every_k_iterations_beside_the_classifier(tmp_path, monkeypatch):
     """--inception-every 2 on the digits (classifier space every iteration): Inception's FID, precision and recall
-    against the same test digits at iterations 0 and 2 only, with their noise floor; a K that is negative is refused.
-    (Random Inception weights, He-scaled so that the features are not ~0; 16 samples against 16 test digits.)"""
+    against the same test digits at iterations 0 and 2 only, with their noise floor, and nothing else measured in
+    Inception's space; a K that is negative is refused. (Random Inception weights, He-scaled so that the features
+    are not ~0; 16 samples against 16 test digits.)"""
     import torch
 
     import fid
+    import metrics as metrics_module
+
+    spaces = []  # the width of the features of every space_metrics call: 2048 in Inception's space
+    measure = metrics_module.Evaluator.space_metrics
+    monkeypatch.setattr(metrics_module.Evaluator, "space_metrics",
+                        lambda self, fake, *a: spaces.append(fake.shape[1]) or measure(self, fake, *a))
 
     net = fid.FIDInception()
     for m in net.modules():
@@ -135,6 +142,7 @@ def test_inception_every_k_iterations_beside_the_classifier(tmp_path):
     assert [r["iter"] for r in records if "fid" in r] == [0, 2] and all(r["features"] == "classifier" for r in records)
     for r in records[::2]:
         assert r["fid"] > 0 and 0 <= r["inception_precision"] <= 1 and 0 <= r["inception_recall"] <= 1
+    assert spaces.count(2048) == 2  # against the test digits only: the training view is the classifier's
     floor = json.load(open(tmp_path / "run" / "config.json"))["noise_floor"]
     assert floor["fid"][0] > 0 and len(floor["inception_recall"]) == 2 and floor["fd"][0] > 0
     # the floor's real sets are drawn from the test digits and the first n_eval training digits, as the classifier's
