@@ -306,7 +306,8 @@ def real_images_figures(runs: str, results: str, name: str, lams: tuple, iters: 
 
 
 def real_images_table(hs: dict, config: dict, path: str, name: str, iters: int) -> str:
-    """Iteration 0 and the last per lambda against the floors; neighbouring lambdas' last FDs compared with the
+    """Iteration 0 (shared), the middle and the last per lambda against the floors; neighbouring lambdas' last FDs
+    compared with the
     noise of one FD, taken as the standard deviation of lambda = 0's FD over iterations 1..iters (sampling and
     training noise together; its model stays where it is): z = difference / (sqrt(2) sd)."""
     f, keys = config["noise_floor"], ("fid", "inception_precision", "inception_recall", "fd", "precision", "recall",
@@ -322,11 +323,10 @@ def real_images_table(hs: dict, config: dict, path: str, name: str, iters: int) 
              "| λ | iteration | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads),
              "| real vs real | (mean ± sd) | "
              + " | ".join(f"{f[k][0]:.3g} ± {f[k][1]:.2g}" if k in f else "" for k in keys) + " |"]
-    for lam in hs:
-        for it in (0, iters):
-            r = at[lam][it]
-            lines.append(f"| {lam} | {it} | " + " | ".join(f"{r[k]:.3g}" if k in r else "" for k in keys) + " |")
     control = next(iter(hs))  # the first lambda, 0
+    rows = [("all", 0, at[control][0])] + [(lam, it, at[lam][it]) for lam in hs for it in (iters // 2, iters)]
+    for lam, it, r in rows:
+        lines.append(f"| {lam} | {it} | " + " | ".join(f"{r[k]:.3g}" if k in r else "" for k in keys) + " |")
     sd = np.std([at[control][it]["fd"] for it in range(1, iters + 1)], ddof=1)
     z = [f"λ {a} → {b}: {at[b][iters]['fd'] - at[a][iters]['fd']:+.3g} (z = "
          f"{(at[b][iters]['fd'] - at[a][iters]['fd']) / (math.sqrt(2) * sd):+.1f})" for a, b in zip(hs, list(hs)[1:])]

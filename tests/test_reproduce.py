@@ -241,7 +241,8 @@ def test_digits_table_gives_mean_sd_over_seeds_and_tests_lambdas_paired_over_see
 
 def test_real_images_table_compares_lambdas_with_the_control_s_spread(tmp_path, monkeypatch):
     """reproduce.py mnist's figures: the metrics, a sheet of 4 lambdas x (iteration 0, last), and the table: the floor
-    row, iteration 0 and the last per lambda (Inception's numbers where measured), and each lambda's last FD against
+    row, the shared iteration 0, the middle and the last per lambda (Inception's numbers where measured), and each
+    lambda's last FD against
     the next with z = difference / (sqrt 2 sd), sd that of lambda 0's FD over iterations 1..last."""
     from PIL import Image
 
@@ -265,7 +266,8 @@ def test_real_images_table_compares_lambdas_with_the_control_s_spread(tmp_path, 
     table = open(made[2]).read()
     assert "| real vs real | (mean ± sd) | 10.9 ± 0.4 | 0.7 ± 0.02 | 0.7 ± 0.02 | 2.5 ± 0.5 |" in table and "| 0.5 ± 0.016 |" in table
     assert "| inf | 2 | 30 | 0.6 | 0.5 | 3 | 0.8 | 0.9 | 0.85 | 0.05 | 0.5 |" in table
-    assert "| 0 | 1 |" not in table  # iterations 0 and the last only
+    assert "| all | 0 | 20 | 0.6 | 0.5 | 1.1 |" in table and "| 0.5 | 0 |" not in table  # iteration 0 once
+    assert "| 0.5 | 1 |  |  |  | 1 |" in table  # the middle iteration, without Inception's numbers there
     sd = math.sqrt(0.02)  # FDs 1.0 and 1.2 of lambda 0 at iterations 1 and 2
     assert f"sd = {sd:.3g}" in table and "λ 0 → 0.5: +0.2 (z = +1.0)" in table and "λ 0.5 → 1: +0 (z = +0.0)" in table
     assert f"λ 1 → inf: +1.6 (z = {1.6 / (math.sqrt(2) * sd):+.1f})" in table
