@@ -307,9 +307,8 @@ def real_images_figures(runs: str, results: str, name: str, lams: tuple, iters: 
 
 def real_images_table(hs: dict, config: dict, path: str, name: str, iters: int) -> str:
     """Iteration 0 (shared), the middle and the last per lambda against the floors; neighbouring lambdas' last FDs
-    compared with the
-    noise of one FD, taken as the standard deviation of lambda = 0's FD over iterations 1..iters (sampling and
-    training noise together; its model stays where it is): z = difference / (sqrt(2) sd)."""
+    compared with the noise of one FD, taken as the standard deviation of lambda = 0's FD over iterations 1..iters
+    (sampling and training noise together; its model stays where it is): z = difference / (sqrt(2) sd)."""
     f, keys = config["noise_floor"], ("fid", "inception_precision", "inception_recall", "fd", "precision", "recall",
                                       "coverage", "class_tv", "nn_train_share")
     at = {lam: {r["iter"]: r for r in h} for lam, h in hs.items()}

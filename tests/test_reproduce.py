@@ -242,8 +242,8 @@ def test_digits_table_gives_mean_sd_over_seeds_and_tests_lambdas_paired_over_see
 def test_real_images_table_compares_lambdas_with_the_control_s_spread(tmp_path, monkeypatch):
     """reproduce.py mnist's figures: the metrics, a sheet of 4 lambdas x (iteration 0, last), and the table: the floor
     row, the shared iteration 0, the middle and the last per lambda (Inception's numbers where measured), and each
-    lambda's last FD against
-    the next with z = difference / (sqrt 2 sd), sd that of lambda 0's FD over iterations 1..last."""
+    lambda's last FD against the next with z = difference / (sqrt 2 sd), sd that of lambda 0's FD over iterations
+    1..last."""
     from PIL import Image
 
     monkeypatch.setattr(reproduce, "RUNS", str(tmp_path / "runs"))
