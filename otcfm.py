@@ -146,10 +146,8 @@ PRESETS = {
         warmup_steps=100, ema_decay=0.995, ema_warmup=True,
         pretrain_kimg=320.0,     # 5,000 steps x 64, what reproduce.py mnist affords on 2 cores
         kimg=6.4,                # 100 steps x 64 per retraining iteration
-        sample_ema=False,        # Inception FID of iteration 0 (5,000 steps), 1,000 samples vs 1,000 test digits: EMA
-        sampler="midpoint",      # weights 45.6 / 38.6 / 39.6 with midpoint 5 / 10 / 20 steps (dopri5, NFE ~100:
-        steps=10,                # 33.8), the trained weights 37.8 / 34.6 / 36.6 (real vs real: 10.8). Heun 10: 108
-        sample_batch=250,
+        sampler="midpoint", steps=5,  # from the EMA weights: the trials of raw weights and more steps in
+        sample_batch=250,             # docs/performance.md ("How the mnist presets came to be")
     ),
 }
 
