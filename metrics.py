@@ -89,7 +89,7 @@ class Evaluator:
         else:
             self.kind = "pixel" if is_image else "raw"
         self.fd_key = "fid" if self.kind == "inception" else "fd"
-        self.every, self.inception, self.second_view = inception_every, None, second_view
+        self.every, self.inception = inception_every, None
         if inception_every and self.kind != "inception":  # its floor's real halves also from the training images
             self.inception = Evaluator(reference, train, n_train, "inception", inception, n_eval, device, progress,
                                        cache, classifier_cache, seed, second_view=False)
@@ -108,6 +108,7 @@ class Evaluator:
         self.real_stats = fid.feature_stats(self.real_feats)
         if trained_on is not None:
             self.train_feats = self.real_features(trained_on, "train", cache)
+        if trained_on is not None and second_view:  # train_stats present: the second view is measured (__call__)
             self.train_stats = fid.feature_stats(self.train_feats)
             self.train_pixels = fid.pixel_features(trained_on)
             m = min(len(trained_on), len(real))  # as many of each: a sample that copies nothing is as near to either
@@ -175,7 +176,7 @@ class Evaluator:
             return {}
         r = self.space_metrics(f, self.real_feats, self.real_stats)
         r = {self.fd_key: r.pop("fd"), **r, "features": self.kind, **extra}
-        if self.second_view and hasattr(self, "train_feats"):
+        if hasattr(self, "train_stats"):
             train = self.space_metrics(f, self.train_feats, self.train_stats)
             r.update({f"train_{k}": train[k] for k in ("fd", "precision", "recall")})
             pixels = fid.pixel_features(fake)
